@@ -1,0 +1,533 @@
+//! Typed configuration, merged in a fixed order and validated once at boot.
+//!
+//! Sources, later ones winning: built-in defaults, a TOML file (`--config`), environment
+//! variables `FANFINITY_SECTION__KEY` (double underscore between section and key), then
+//! command-line flags (`--set section.key=value` and the named shortcuts). The defaults
+//! work with the local stack (`make stack-up`) without any file.
+//!
+//! This module does not open sockets or talk to any service; it only describes them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Every setting fanfinity reads. One struct, so that a whole run is described in one place
+/// and printed (redacted) at start-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub kafka: KafkaConfig,
+    pub consumer: ConsumerConfig,
+    pub sink: SinkConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub query: QueryConfig,
+    pub log: LogConfig,
+}
+
+/// The ingest HTTP server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address every shard binds (SO_REUSEPORT spreads connections across them).
+    pub listen: SocketAddr,
+    /// Number of shards (executors). 0 means one per online core.
+    pub shards: usize,
+    /// First CPU to pin shard 0 to; shard `i` goes to `(first_core + i) % cores`.
+    pub first_core: usize,
+    /// Largest request body read, in bytes. Bigger bodies get 413 without being read
+    /// when they announce their length.
+    pub max_body_bytes: usize,
+    /// Most events in one request; a goal spike is absorbed by more requests, not
+    /// unbounded ones.
+    pub max_events_per_request: usize,
+    /// Longest a request waits for Kafka's delivery reports before answering 503. Kept
+    /// above `kafka.message_timeout_ms` so the usual answer is the definitive one.
+    pub ack_timeout_ms: u64,
+    /// Seconds sent in `Retry-After` with a 503.
+    pub retry_after_secs: u32,
+    /// At shutdown, how long shards wait for open requests to finish.
+    pub shutdown_grace_ms: u64,
+    /// Locked memory glommio reserves per executor for registered I/O buffers. Ingest
+    /// does no file I/O, so this stays small; see `tuning/README.md`.
+    pub io_memory_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: 0,
+            first_core: 0,
+            max_body_bytes: 1024 * 1024,
+            max_events_per_request: 1000,
+            ack_timeout_ms: 5_000,
+            retry_after_secs: 1,
+            shutdown_grace_ms: 10_000,
+            io_memory_bytes: 512 * 1024,
+        }
+    }
+}
+
+/// Kafka connection, topics and the shared producer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated (`bootstrap.servers`).
+    pub brokers: String,
+    pub client_id: String,
+    /// Accepted events, keyed by match id.
+    pub topic: String,
+    /// Events whose insert failed for their content, awaiting another attempt.
+    pub retry_topic: String,
+    /// Events that cannot be stored, with the reason.
+    pub dead_topic: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// `retention.ms` of the created topics (default 48 h).
+    pub retention_ms: i64,
+    /// `linger.ms`: how long the producer waits to fill a batch.
+    pub linger_ms: u32,
+    /// `batch.size` in bytes.
+    pub batch_size_bytes: u32,
+    /// `compression.type`: none, gzip, snappy, lz4 or zstd.
+    pub compression: String,
+    /// `message.timeout.ms`: a record not acknowledged by then fails (and its request
+    /// gets 503). Bounds how long a client can wait on a dead broker.
+    pub message_timeout_ms: u32,
+    /// `queue.buffering.max.messages`: records in the producer queue before enqueue fails.
+    pub queue_max_messages: u32,
+    /// `queue.buffering.max.kbytes`.
+    pub queue_max_kbytes: u32,
+    /// At shutdown, how long to wait for queued records to be delivered.
+    pub flush_timeout_ms: u64,
+    /// Fraction of `queue_max_messages` above which new requests get 503 and `/readyz`
+    /// fails, so a load balancer drains the node before the queue overflows.
+    pub queue_ready_fraction: f64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:19092".into(),
+            client_id: "fanfinity".into(),
+            topic: "fanfinity.events".into(),
+            retry_topic: "fanfinity.events.retry".into(),
+            dead_topic: "fanfinity.events.dead".into(),
+            partitions: 3,
+            replication_factor: 1,
+            retention_ms: 48 * 3600 * 1000,
+            linger_ms: 5,
+            batch_size_bytes: 1024 * 1024,
+            compression: "lz4".into(),
+            message_timeout_ms: 3_000,
+            queue_max_messages: 500_000,
+            queue_max_kbytes: 512 * 1024,
+            flush_timeout_ms: 10_000,
+            queue_ready_fraction: 0.8,
+        }
+    }
+}
+
+/// The sink's Kafka consumers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub group_id: String,
+    /// Consumer threads in this process; each is one group member.
+    pub threads: usize,
+    /// CPUs to pin consumer threads to, round robin. Empty: the last online cores, shared
+    /// with shards on small machines.
+    pub cores: Vec<usize>,
+    /// `auto.offset.reset` for a group with no committed offset.
+    pub auto_offset_reset: String,
+    /// `session.timeout.ms`.
+    pub session_timeout_ms: u32,
+    /// `max.poll.interval.ms`: the sink polls while it retries, so this is never reached
+    /// by a slow ClickHouse.
+    pub max_poll_interval_ms: u32,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            group_id: "fanfinity-sink".into(),
+            threads: 1,
+            cores: Vec::new(),
+            auto_offset_reset: "earliest".into(),
+            session_timeout_ms: 10_000,
+            max_poll_interval_ms: 300_000,
+        }
+    }
+}
+
+/// Batching of ClickHouse inserts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Rows that trigger a flush. See docs/architecture/SYSTEM_DESIGN.md for the
+    /// measurement behind the default.
+    pub max_batch_rows: usize,
+    /// Age of the oldest buffered row that triggers a flush: the floor of the
+    /// "202 to queryable" latency.
+    pub flush_interval_ms: u64,
+    /// First retry delay after a failed insert; doubles up to `retry_max_ms`, with jitter.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+    /// At shutdown, how long a consumer keeps retrying its last batch before leaving it
+    /// uncommitted (it is consumed again on the next start).
+    pub shutdown_drain_ms: u64,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_rows: 20_000,
+            flush_interval_ms: 500,
+            retry_min_ms: 200,
+            retry_max_ms: 10_000,
+            shutdown_drain_ms: 10_000,
+        }
+    }
+}
+
+/// How ClickHouse inserts are compressed on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WireCompression {
+    /// Required for ClickHouse 18.16, which answers `compress=1` queries with an empty body.
+    None,
+    Lz4,
+}
+
+/// ClickHouse connection.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// HTTP interface URL.
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    /// Never printed; see the redacted `Display` of [`Config`].
+    pub password: String,
+    pub compression: WireCompression,
+    /// Row validation sends `RowBinaryWithNamesAndTypes`, which 18.16 does not know.
+    pub validation: bool,
+    /// Per-request timeout for inserts and queries.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:18123".into(),
+            database: "fanfinity".into(),
+            user: "default".into(),
+            password: String::new(),
+            compression: WireCompression::None,
+            validation: false,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl fmt::Debug for ClickHouseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClickHouseConfig")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("compression", &self.compression)
+            .field("validation", &self.validation)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .finish()
+    }
+}
+
+/// The metrics query endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Tokio worker threads that run ClickHouse queries for all shards.
+    pub threads: usize,
+    /// Refuse windows that would produce more timeline buckets than this.
+    pub max_buckets: u64,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            max_buckets: 10_000,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `fanfinity=debug`. `RUST_LOG` wins.
+    pub level: String,
+    /// `text` for people, `json` for log shippers.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration")]
+    Load(#[source] Box<figment::Error>),
+    #[error("invalid --set argument {arg:?}: expected section.key=value")]
+    BadOverride { arg: String },
+    #[error("invalid configuration: {field} {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// Values given on the command line, applied last.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `section.key=value` pairs. Values are read as TOML scalars when they parse as
+    /// such (numbers, booleans, arrays) and as strings otherwise.
+    pub pairs: Vec<String>,
+}
+
+impl Config {
+    /// Merges defaults, the optional TOML file, `FANFINITY_*` variables and overrides,
+    /// then validates the result.
+    ///
+    /// # Errors
+    /// A file that cannot be read or parsed, an unknown key, a value of the wrong type,
+    /// or a value [`Config::validate`] refuses.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("FANFINITY_").split("__"));
+        for pair in &overrides.pairs {
+            let (key, raw) = pair
+                .split_once('=')
+                .filter(|(k, _)| k.contains('.'))
+                .ok_or_else(|| ConfigError::BadOverride { arg: pair.clone() })?;
+            figment = figment.merge(Serialized::default(key.trim(), parse_scalar(raw)));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|err| ConfigError::Load(Box::new(err)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses settings that would start a broken service: blank topics, zero sizes,
+    /// a readiness fraction outside (0, 1].
+    ///
+    /// # Errors
+    /// The first offending field, with the reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return invalid("kafka.brokers", "must not be blank");
+        }
+        for (field, topic) in [
+            ("kafka.topic", &k.topic),
+            ("kafka.retry_topic", &k.retry_topic),
+            ("kafka.dead_topic", &k.dead_topic),
+        ] {
+            if !is_valid_topic_name(topic) {
+                return invalid(field, "must be 1-249 chars of [A-Za-z0-9._-]");
+            }
+        }
+        if k.topic == k.retry_topic || k.topic == k.dead_topic || k.retry_topic == k.dead_topic
+        {
+            return invalid("kafka.topic", "events, retry and dead topics must differ");
+        }
+        if k.partitions < 1 {
+            return invalid("kafka.partitions", "must be at least 1");
+        }
+        if k.replication_factor < 1 {
+            return invalid("kafka.replication_factor", "must be at least 1");
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
+            return invalid("kafka.compression", "must be none, gzip, snappy, lz4 or zstd");
+        }
+        if k.message_timeout_ms == 0 || k.queue_max_messages == 0 {
+            return invalid("kafka.message_timeout_ms", "and queue_max_messages must be > 0");
+        }
+        if !(k.queue_ready_fraction > 0.0 && k.queue_ready_fraction <= 1.0) {
+            return invalid("kafka.queue_ready_fraction", "must be in (0, 1]");
+        }
+        if self.http.max_body_bytes == 0 || self.http.max_events_per_request == 0 {
+            return invalid("http.max_body_bytes", "and max_events_per_request must be > 0");
+        }
+        if self.http.ack_timeout_ms <= u64::from(k.message_timeout_ms) {
+            return invalid(
+                "http.ack_timeout_ms",
+                "must exceed kafka.message_timeout_ms, so a 503 is only given once the \
+                 delivery outcome is known or overdue",
+            );
+        }
+        if self.sink.max_batch_rows == 0 || self.sink.flush_interval_ms == 0 {
+            return invalid("sink.max_batch_rows", "and flush_interval_ms must be > 0");
+        }
+        if self.sink.retry_min_ms == 0 || self.sink.retry_max_ms < self.sink.retry_min_ms {
+            return invalid("sink.retry_min_ms", "must be > 0 and <= retry_max_ms");
+        }
+        if self.consumer.group_id.trim().is_empty() {
+            return invalid("consumer.group_id", "must not be blank");
+        }
+        if self.clickhouse.database.is_empty()
+            || !self
+                .clickhouse
+                .database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return invalid("clickhouse.database", "must be [A-Za-z0-9_]+");
+        }
+        if self.query.threads == 0 || self.query.max_buckets == 0 {
+            return invalid("query.threads", "and max_buckets must be > 0");
+        }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return invalid("log.format", "must be text or json");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets replaced, for the start-up log and
+    /// `fanfinity config --check`.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.clickhouse.password.is_empty() {
+            shown.clickhouse.password = "<redacted>".into();
+        }
+        toml::to_string(&shown).unwrap_or_else(|err| format!("<unprintable: {err}>"))
+    }
+
+    /// Number of shards to start: the configured count, or one per online core.
+    pub fn shard_count(&self) -> usize {
+        if self.http.shards > 0 {
+            self.http.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// Reads a command-line value as a TOML scalar where it is one, else as a string, so
+/// `--set http.shards=2` is a number and `--set kafka.brokers=host:9092` a string.
+fn parse_scalar(raw: &str) -> toml::Value {
+    let raw = raw.trim();
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut table) => table
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Kafka's own rule for topic names.
+fn is_valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overrides(pairs: &[&str]) -> Overrides {
+        Overrides {
+            pairs: pairs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_local_stack() {
+        let config = Config::load(None, &Overrides::default()).expect("defaults load");
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.kafka.brokers, "127.0.0.1:19092");
+        assert_eq!(config.clickhouse.url, "http://127.0.0.1:18123");
+        assert_eq!(config.kafka.partitions, 3);
+    }
+
+    #[test]
+    fn set_overrides_nested_keys_with_typed_values() {
+        let config = Config::load(
+            None,
+            &overrides(&["http.shards=3", "kafka.brokers=10.0.0.1:9092", "clickhouse.validation=true"]),
+        )
+        .expect("overrides apply");
+        assert_eq!(config.http.shards, 3);
+        assert_eq!(config.kafka.brokers, "10.0.0.1:9092");
+        assert!(config.clickhouse.validation);
+    }
+
+    #[test]
+    fn refuses_blank_topic() {
+        let err = Config::load(None, &overrides(&["kafka.topic="])).unwrap_err();
+        assert!(err.to_string().contains("kafka.topic"), "{err}");
+    }
+
+    #[test]
+    fn refuses_zero_batch_rows() {
+        let err = Config::load(None, &overrides(&["sink.max_batch_rows=0"])).unwrap_err();
+        assert!(err.to_string().contains("sink.max_batch_rows"), "{err}");
+    }
+
+    #[test]
+    fn refuses_unknown_key() {
+        assert!(Config::load(None, &overrides(&["http.nonsense=1"])).is_err());
+    }
+
+    #[test]
+    fn refuses_override_without_section() {
+        assert!(matches!(
+            Config::load(None, &overrides(&["shards=2"])),
+            Err(ConfigError::BadOverride { .. })
+        ));
+    }
+
+    #[test]
+    fn redacts_the_clickhouse_password() {
+        let mut config = Config::default();
+        config.clickhouse.password = "hunter2".into();
+        assert!(!config.redacted_toml().contains("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn reads_a_toml_file() {
+        let dir = std::env::temp_dir().join(format!("fanfinity-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[sink]\nmax_batch_rows = 7\n").expect("write");
+        let config = Config::load(Some(&path), &Overrides::default()).expect("file loads");
+        assert_eq!(config.sink.max_batch_rows, 7);
+    }
+}

@@ -1,0 +1,266 @@
+//! Routes one HTTP request and builds its answer.
+//!
+//! Routes: `POST /v1/events`, `GET /v1/matches/{id}/metrics`, `GET /healthz`,
+//! `GET /readyz`, `GET /metrics`. Every failure goes through [`IngestError`], which owns
+//! the status and JSON body; this module only decides which error applies.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use super::decode::{decode_events, BodyFormat};
+use super::error::IngestError;
+use super::state::{IngestShared, ShardContext};
+use crate::kafka::producer::{OutgoingRecord, ProduceError};
+use crate::metrics::prometheus::{ProducerView, Sources};
+use crate::metrics::shard::{RequestTimer, Route};
+use crate::query::params::MetricsParams;
+use crate::query::QueryError;
+use crate::sink::status::SinkReport;
+
+/// What every handler returns.
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// Serves one request on a shard, recording its latency and status on every exit.
+pub async fn handle(ctx: &ShardContext, req: Request<Incoming>) -> HttpResponse {
+    let mut timer = RequestTimer::start(&ctx.metrics, Route::Other);
+    let (route, outcome) = dispatch(ctx, req).await;
+    timer.set_route(route);
+    let (response, accepted) = match outcome {
+        Ok(answer) => answer,
+        Err(err) => (error_response(&err, &ctx.shared), 0),
+    };
+    timer.finish(response.status().as_u16(), accepted);
+    response
+}
+
+type Outcome = Result<(HttpResponse, u64), IngestError>;
+
+async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome) {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let not_allowed = || {
+        Err(IngestError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.clone(),
+        })
+    };
+    match (segments.as_slice(), &method) {
+        (["v1", "events"], &Method::POST) => (Route::Events, post_events(ctx, req).await),
+        (["v1", "events"], _) => (Route::Events, not_allowed()),
+        (["v1", "matches", match_id, "metrics"], &Method::GET) => {
+            let params = MetricsParams::parse(match_id, req.uri().query());
+            (Route::Query, match_metrics(ctx, params).await)
+        }
+        (["healthz"], &Method::GET) => (Route::Health, Ok((json(StatusCode::OK, &Health { status: "ok" }), 0))),
+        (["readyz"], &Method::GET) => (Route::Health, Ok((readiness(&ctx.shared), 0))),
+        (["metrics"], &Method::GET) => (Route::Metrics, Ok((prometheus(&ctx.shared), 0))),
+        (["v1", "matches", _, "metrics"] | ["healthz"] | ["readyz"] | ["metrics"], _) => {
+            (Route::Other, not_allowed())
+        }
+        _ => (
+            Route::Other,
+            Err(IngestError::NotFound {
+                method: method.to_string(),
+                path: path.clone(),
+            }),
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+#[derive(Serialize)]
+struct Accepted<'a> {
+    accepted: usize,
+    event_ids: &'a [Uuid],
+}
+
+/// `POST /v1/events`: validate everything, produce everything, answer 202 only once
+/// Kafka acknowledged every record.
+async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
+    let shared = &ctx.shared;
+    if shared.stopping.load(Ordering::Relaxed) {
+        return Err(IngestError::ShuttingDown);
+    }
+    let http = &shared.config.http;
+    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let format = BodyFormat::from_content_type(content_type)?;
+    // Refuse early when Kafka cannot take anything, before reading the body.
+    shared.producer.check_capacity(1)?;
+
+    let body = read_body(req, http.max_body_bytes).await?;
+    let received_at_ms = now_ms();
+    let records = decode_events(&body, format, http.max_events_per_request, received_at_ms)?;
+
+    let mut outgoing = Vec::with_capacity(records.len());
+    for record in &records {
+        let payload = record.encode().map_err(|err| IngestError::MalformedJson {
+            detail: format!("cannot encode event: {err}"),
+        })?;
+        outgoing.push(OutgoingRecord {
+            key: record.match_id.clone(),
+            payload,
+        });
+    }
+    let ack = shared.producer.send_batch(&outgoing)?;
+    let timeout = Duration::from_millis(http.ack_timeout_ms);
+    let delivered = glommio::timer::timeout(timeout, async { Ok(ack.await) }).await;
+    match delivered {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(err.into()),
+        Err(_) => {
+            return Err(ProduceError::Timeout {
+                timeout_ms: http.ack_timeout_ms,
+            }
+            .into())
+        }
+    }
+
+    let ids: Vec<Uuid> = records.iter().map(|r| r.event_id).collect();
+    debug!(shard = ctx.shard, events = ids.len(), "request acknowledged by kafka");
+    let body = Accepted {
+        accepted: ids.len(),
+        event_ids: &ids,
+    };
+    Ok((json(StatusCode::ACCEPTED, &body), ids.len() as u64))
+}
+
+/// Reads the body up to `limit` bytes. A declared length over the limit is refused
+/// before any body byte is read.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, IngestError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(IngestError::PayloadTooLarge { limit_bytes: limit });
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(IngestError::PayloadTooLarge { limit_bytes: limit })
+        }
+        Err(err) => Err(IngestError::BodyRead {
+            detail: err.to_string(),
+        }),
+    }
+}
+
+async fn match_metrics(ctx: &ShardContext, params: Result<MetricsParams, QueryError>) -> Outcome {
+    let params = params?;
+    let Some(query) = ctx.shared.query.as_ref() else {
+        return Err(QueryError::RuntimeGone.into());
+    };
+    let metrics = query.match_metrics(params).await?;
+    Ok((json(StatusCode::OK, &metrics), 0))
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    kafka: KafkaReport,
+    /// `null` when this process runs no sink (`fanfinity ingest`).
+    sink: Option<SinkReport>,
+}
+
+#[derive(Serialize)]
+struct KafkaReport {
+    up: bool,
+    queue_depth: usize,
+    queue_limit: usize,
+    last_error: Option<String>,
+}
+
+/// `GET /readyz`: 200 when this node should receive events. ClickHouse's state is shown
+/// but does not count: Kafka holds events while the sink is behind.
+fn readiness(shared: &Arc<IngestShared>) -> HttpResponse {
+    let producer = &shared.producer;
+    let health = producer.health();
+    let kafka = KafkaReport {
+        up: health.is_up(),
+        queue_depth: producer.queue_depth(),
+        queue_limit: producer.ready_limit(),
+        last_error: health.last_error(),
+    };
+    let ready = kafka.up
+        && kafka.queue_depth < kafka.queue_limit
+        && !shared.stopping.load(Ordering::Relaxed);
+    let body = Readiness {
+        ready,
+        kafka,
+        sink: shared.sink.as_ref().map(|s| s.report()),
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, &body)
+}
+
+fn prometheus(shared: &Arc<IngestShared>) -> HttpResponse {
+    let producer = &shared.producer;
+    let text = crate::metrics::render(&Sources {
+        shards: &shared.shard_metrics,
+        producer: Some(ProducerView {
+            kafka_up: producer.health().is_up(),
+            queue_depth: producer.queue_depth(),
+            queue_limit: producer.ready_limit(),
+        }),
+        sink: shared.sink.as_deref(),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+fn error_response(err: &IngestError, shared: &Arc<IngestShared>) -> HttpResponse {
+    let (status, code) = err.status_and_code();
+    if status.is_server_error() {
+        warn!(error = %err, code, status = status.as_u16(), "request refused");
+    }
+    let mut response = Response::new(Full::new(Bytes::from(err.body())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if err.is_retryable() {
+        headers.insert(RETRY_AFTER, HeaderValue::from(shared.config.http.retry_after_secs));
+    }
+    response
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
+    let bytes = sonic_rs::to_vec(body).unwrap_or_else(|err| {
+        format!(r#"{{"error":"internal","message":"cannot encode answer: {err}"}}"#).into_bytes()
+    });
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

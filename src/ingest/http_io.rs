@@ -1,0 +1,55 @@
+//! Adapts glommio's `TcpStream` to hyper's I/O traits, so hyper's HTTP/1.1 state machine
+//! (keep-alive, chunked bodies, `Expect: 100-continue`, pipelining) runs on a shard.
+//!
+//! Reads go through a small stack buffer and `ReadBufCursor::put_slice`: one extra copy
+//! per read, in exchange for no `unsafe` writes into hyper's uninitialized buffer.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+/// Largest single read handed to hyper.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// A shard's TCP connection as hyper sees it.
+pub struct HyperStream(pub TcpStream);
+
+impl hyper::rt::Read for HyperStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut chunk = [0u8; READ_CHUNK_BYTES];
+        let want = buf.remaining().min(READ_CHUNK_BYTES);
+        match Pin::new(&mut self.0).poll_read(cx, &mut chunk[..want]) {
+            Poll::Ready(Ok(n)) => {
+                buf.put_slice(&chunk[..n]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl hyper::rt::Write for HyperStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}

@@ -1,0 +1,14 @@
+//! The thread-per-core HTTP ingest server.
+//!
+//! One glommio executor per shard, each with its own SO_REUSEPORT listener on the same
+//! address; the kernel spreads connections across them. A shard parses, validates and
+//! produces its own requests; the only things it shares with other shards are the Kafka
+//! producer (thread-safe) and the query runtime. It does not consume from Kafka.
+
+pub mod decode;
+pub mod error;
+pub mod handler;
+pub mod http_io;
+pub mod server;
+pub mod state;
+pub mod validate;

@@ -1,0 +1,7 @@
+//! Everything that talks to Kafka: the shared producer, the sink's consumers and topic
+//! administration. Topics: `fanfinity.events` (accepted events, keyed by match id),
+//! `.retry` and `.dead` (see docs/architecture/SYSTEM_DESIGN.md).
+
+pub mod consumer;
+pub mod producer;
+pub mod topics;

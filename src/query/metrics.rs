@@ -1,0 +1,222 @@
+//! The SQL behind `GET /v1/matches/{match_id}/metrics` and the JSON it answers with.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clickhouse::{Client, Row};
+use serde::{Deserialize, Serialize};
+
+use super::params::MetricsParams;
+use super::QueryError;
+use crate::event::EventType;
+
+/// Totals, counts by type and a timeline for one match.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MatchMetrics {
+    pub match_id: String,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub bucket_seconds: u32,
+    pub total_events: u64,
+    pub unique_fans: u64,
+    /// Every type, zero included, so clients need no defaults.
+    pub by_type: BTreeMap<&'static str, u64>,
+    pub timeline: Vec<TimelineBucket>,
+    /// Freshness: the newest `received_at` included in these numbers.
+    pub newest_received_at_ms: Option<i64>,
+}
+
+/// Events in one bucket of event time.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TimelineBucket {
+    /// Bucket start, epoch milliseconds.
+    pub t: i64,
+    pub events: u64,
+    pub by_type: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct TotalsRow {
+    events: u64,
+    fans: u64,
+    first: u32,
+    last: u32,
+    newest_ms: i64,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct TypeRow {
+    event_type: String,
+    events: u64,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct BucketRow {
+    t: u32,
+    event_type: String,
+    events: u64,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct ExistsRow {
+    found: u64,
+}
+
+const WHERE: &str = "match_id = ? AND event_time >= toDateTime(?) AND event_time < toDateTime(?)";
+
+/// Runs the three queries for one match. Must run on a Tokio runtime.
+///
+/// # Errors
+/// [`QueryError::UnknownMatch`] when the match has no events at all, a bucket count over
+/// `max_buckets`, or ClickHouse failing or timing out.
+pub async fn fetch_match_metrics(
+    client: &Client,
+    params: &MetricsParams,
+    max_buckets: u64,
+    timeout: Duration,
+) -> Result<MatchMetrics, QueryError> {
+    let timeout_ms = timeout.as_millis() as u64;
+    tokio::time::timeout(timeout, fetch(client, params, max_buckets))
+        .await
+        .map_err(|_| QueryError::Timeout { timeout_ms })?
+}
+
+async fn fetch(
+    client: &Client,
+    params: &MetricsParams,
+    max_buckets: u64,
+) -> Result<MatchMetrics, QueryError> {
+    let from = params.from_secs.unwrap_or(0);
+    let to = params.to_secs.unwrap_or(u32::MAX);
+    let failed = |err: clickhouse::error::Error| QueryError::ClickHouse {
+        detail: err.to_string(),
+    };
+
+    let totals: TotalsRow = client
+        .query(&format!(
+            "SELECT uniqExact(event_id) AS events, uniqExact(user_id) AS fans, \
+             toUInt32(min(event_time)) AS first, toUInt32(max(event_time)) AS last, \
+             max(received_at_ms) AS newest_ms FROM events WHERE {WHERE}"
+        ))
+        .bind(&params.match_id)
+        .bind(from)
+        .bind(to)
+        .fetch_one()
+        .await
+        .map_err(failed)?;
+
+    if totals.events == 0 {
+        let exists: ExistsRow = client
+            .query("SELECT count() AS found FROM events WHERE match_id = ?")
+            .bind(&params.match_id)
+            .fetch_one()
+            .await
+            .map_err(failed)?;
+        if exists.found == 0 {
+            return Err(QueryError::UnknownMatch {
+                match_id: params.match_id.clone(),
+            });
+        }
+    } else {
+        params.check_bucket_count(
+            params.from_secs.unwrap_or(totals.first),
+            params.to_secs.map_or(totals.last, |t| t.saturating_sub(1)),
+            max_buckets,
+        )?;
+    }
+
+    let types: Vec<TypeRow> = client
+        .query(&format!(
+            "SELECT toString(event_type) AS event_type, uniqExact(event_id) AS events \
+             FROM events WHERE {WHERE} GROUP BY event_type"
+        ))
+        .bind(&params.match_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all()
+        .await
+        .map_err(failed)?;
+
+    let buckets: Vec<BucketRow> = client
+        .query(&format!(
+            "SELECT toUInt32(intDiv(toUInt32(event_time), ?) * ?) AS t, \
+             toString(event_type) AS event_type, uniqExact(event_id) AS events \
+             FROM events WHERE {WHERE} GROUP BY t, event_type ORDER BY t"
+        ))
+        .bind(params.bucket_secs)
+        .bind(params.bucket_secs)
+        .bind(&params.match_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all()
+        .await
+        .map_err(failed)?;
+
+    let mut by_type = zero_by_type();
+    for row in types {
+        if let Some(slot) = type_slot(&mut by_type, &row.event_type) {
+            *slot += row.events;
+        }
+    }
+    Ok(MatchMetrics {
+        match_id: params.match_id.clone(),
+        from_ms: params.from_secs.map(|s| i64::from(s) * 1000),
+        to_ms: params.to_secs.map(|s| i64::from(s) * 1000),
+        bucket_seconds: params.bucket_secs,
+        total_events: totals.events,
+        unique_fans: totals.fans,
+        by_type,
+        timeline: timeline(buckets),
+        newest_received_at_ms: (totals.events > 0).then_some(totals.newest_ms),
+    })
+}
+
+fn zero_by_type() -> BTreeMap<&'static str, u64> {
+    EventType::ALL.iter().map(|t| (t.as_str(), 0)).collect()
+}
+
+fn type_slot<'a>(map: &'a mut BTreeMap<&'static str, u64>, name: &str) -> Option<&'a mut u64> {
+    EventType::parse(name).and_then(|t| map.get_mut(t.as_str()))
+}
+
+/// Folds (bucket, type, count) rows, sorted by bucket, into one entry per bucket.
+fn timeline(rows: Vec<BucketRow>) -> Vec<TimelineBucket> {
+    let mut out: Vec<TimelineBucket> = Vec::new();
+    for row in rows {
+        let t = i64::from(row.t) * 1000;
+        if out.last().map(|b| b.t) != Some(t) {
+            out.push(TimelineBucket {
+                t,
+                events: 0,
+                by_type: zero_by_type(),
+            });
+        }
+        if let Some(bucket) = out.last_mut() {
+            bucket.events += row.events;
+            if let Some(slot) = type_slot(&mut bucket.by_type, &row.event_type) {
+                *slot += row.events;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_folds_types_into_buckets() {
+        let rows = vec![
+            BucketRow { t: 60, event_type: "cheer".into(), events: 2 },
+            BucketRow { t: 60, event_type: "view".into(), events: 1 },
+            BucketRow { t: 120, event_type: "cheer".into(), events: 5 },
+        ];
+        let tl = timeline(rows);
+        assert_eq!(tl.len(), 2);
+        assert_eq!((tl[0].t, tl[0].events), (60_000, 3));
+        assert_eq!(tl[0].by_type["view"], 1);
+        assert_eq!(tl[1].by_type["cheer"], 5);
+        assert_eq!(tl[1].by_type["chat"], 0);
+    }
+}

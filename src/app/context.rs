@@ -66,8 +66,12 @@ pub enum StartError {
     Consumers(#[from] ConsumeError),
     #[error("cannot start the query runtime")]
     QueryRuntime(#[source] std::io::Error),
-    #[error("cannot start the sink supervisor thread")]
-    SinkThread(#[source] std::io::Error),
+    #[error("cannot start the {name} thread")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Every running part of the process.
@@ -109,6 +113,12 @@ impl AppContext {
 
         let producer = if roles.ingest {
             let producer = Arc::new(EventProducer::new(&config.kafka)?);
+            producer
+                .spawn_watchdog()
+                .map_err(|source| StartError::Thread {
+                    name: "producer-watchdog",
+                    source,
+                })?;
             match producer.probe(Duration::from_secs(5)) {
                 Ok(()) => info!(brokers = %config.kafka.brokers, "kafka reachable"),
                 Err(err) => warn!(brokers = %config.kafka.brokers, error = %err,
@@ -260,5 +270,8 @@ fn start_sink(
                 Err(err) => error!(error = %err, "sink consumers failed to start"),
             }
         })
-        .map_err(StartError::SinkThread)
+        .map_err(|source| StartError::Thread {
+        name: "sink-start",
+        source,
+    })
 }

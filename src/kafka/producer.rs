@@ -6,15 +6,22 @@
 //! librdkafka's own background thread delivers the reports; the report for the last
 //! record of a request wakes the request's task on its shard.
 //!
+//! A watchdog replaces the producer when it is stuck: librdkafka reports a fatal error,
+//! or deliveries keep failing although a broker is up (seen when a broker lost its
+//! producer-id state, e.g. Tansu's memory store after a restart: the idempotent producer
+//! then retries with an id the broker no longer knows until every record times out).
+//! Records still in the old producer are purged and their requests answered 503.
+//!
 //! This module does not decide HTTP answers; it reports [`ProduceError`]s and the caller
 //! maps them.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use atomic_waker::AtomicWaker;
 use rdkafka::client::ClientContext;
@@ -52,6 +59,12 @@ pub struct KafkaHealth {
     /// show a broker in state `UP`.
     up: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Epoch ms of the first delivery failure since the last success; 0 when healthy.
+    failing_since_ms: AtomicI64,
+    /// librdkafka raised a fatal error: the producer instance is unusable.
+    fatal: AtomicBool,
+    /// Times the watchdog replaced the producer.
+    pub resets: AtomicU64,
 }
 
 impl KafkaHealth {
@@ -63,6 +76,31 @@ impl KafkaHealth {
     /// The last error librdkafka reported, for `/readyz`.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn note_delivery(&self, ok: bool) {
+        if ok {
+            if self.failing_since_ms.load(Ordering::Relaxed) != 0 {
+                self.failing_since_ms.store(0, Ordering::Relaxed);
+            }
+        } else {
+            let _ = self.failing_since_ms.compare_exchange(
+                0,
+                epoch_ms(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Whether the producer should be replaced: fatal, or failing for longer than
+    /// `stuck_after` while a broker is up.
+    fn is_stuck(&self, stuck_after: Duration) -> bool {
+        if self.fatal.load(Ordering::Relaxed) {
+            return true;
+        }
+        let since = self.failing_since_ms.load(Ordering::Relaxed);
+        since != 0 && self.is_up() && epoch_ms() - since > stuck_after.as_millis() as i64
     }
 
     fn set_error(&self, message: String) {
@@ -162,6 +200,9 @@ impl ClientContext for DeliveryContext {
     }
 
     fn error(&self, err: KafkaError, reason: &str) {
+        if err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            self.health.fatal.store(true, Ordering::Relaxed);
+        }
         if err.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             if self.health.up.swap(false, Ordering::Relaxed) {
                 warn!(error = %err, reason, "all kafka brokers down, refusing events with 503");
@@ -177,6 +218,7 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Arc<RequestAck>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, ack: Arc<RequestAck>) {
+        self.health.note_delivery(result.is_ok());
         ack.report(result.as_ref().map(|_| ()).map_err(|(err, _)| err.to_string()));
     }
 }
@@ -188,13 +230,18 @@ pub struct OutgoingRecord {
     pub payload: Vec<u8>,
 }
 
+type Inner = ThreadedProducer<DeliveryContext>;
+
 /// The process-wide producer for `fanfinity.events`.
 pub struct EventProducer {
-    inner: ThreadedProducer<DeliveryContext>,
+    current: RwLock<Arc<Inner>>,
+    client_config: ClientConfig,
     topic: String,
     health: Arc<KafkaHealth>,
     /// Queue depth at which new requests are refused and `/readyz` fails.
     ready_limit: usize,
+    /// How long deliveries may fail with a broker up before the producer is replaced.
+    stuck_after: Duration,
 }
 
 impl EventProducer {
@@ -204,7 +251,8 @@ impl EventProducer {
     /// [`ProduceError::Create`] when librdkafka refuses the configuration.
     pub fn new(config: &KafkaConfig) -> Result<Self, ProduceError> {
         let health = Arc::new(KafkaHealth::default());
-        let inner: ThreadedProducer<DeliveryContext> = ClientConfig::new()
+        let mut client_config = ClientConfig::new();
+        client_config
             .set("bootstrap.servers", &config.brokers)
             .set("client.id", &config.client_id)
             .set("enable.idempotence", "true")
@@ -221,19 +269,70 @@ impl EventProducer {
                 "queue.buffering.max.kbytes",
                 config.queue_max_kbytes.to_string(),
             )
-            .set("statistics.interval.ms", "1000")
-            .create_with_context(DeliveryContext {
-                health: Arc::clone(&health),
-            })
-            .map_err(ProduceError::Create)?;
+            .set("statistics.interval.ms", "1000");
+        let inner = build(&client_config, &health)?;
         let ready_limit =
             (f64::from(config.queue_max_messages) * config.queue_ready_fraction) as usize;
         Ok(Self {
-            inner,
+            current: RwLock::new(Arc::new(inner)),
+            client_config,
             topic: config.topic.clone(),
             health,
             ready_limit: ready_limit.max(1),
+            stuck_after: Duration::from_millis(u64::from(config.message_timeout_ms) * 2),
         })
+    }
+
+    fn inner(&self) -> Arc<Inner> {
+        match self.current.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Starts the watchdog thread; it ends when the producer is dropped.
+    ///
+    /// # Errors
+    /// The thread cannot be spawned.
+    pub fn spawn_watchdog(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("producer-watchdog".into())
+            .spawn(move || {
+                let mut last_reset: Option<std::time::Instant> = None;
+                loop {
+                    std::thread::sleep(Duration::from_millis(250));
+                    let Some(producer) = weak.upgrade() else {
+                        return;
+                    };
+                    let cooled = last_reset.is_none_or(|t| t.elapsed() > producer.stuck_after);
+                    if cooled && producer.health.is_stuck(producer.stuck_after) {
+                        producer.reset();
+                        last_reset = Some(std::time::Instant::now());
+                    }
+                }
+            })
+    }
+
+    /// Replaces the librdkafka producer with a fresh one (new producer id). Records in the
+    /// old one are purged; their requests get 503 and clients retry with the same ids.
+    fn reset(&self) {
+        let fatal = self.health.fatal.load(Ordering::Relaxed);
+        match build(&self.client_config, &self.health) {
+            Ok(fresh) => {
+                let old = match self.current.write() {
+                    Ok(mut guard) => std::mem::replace(&mut *guard, Arc::new(fresh)),
+                    Err(_) => return,
+                };
+                self.health.fatal.store(false, Ordering::Relaxed);
+                self.health.failing_since_ms.store(0, Ordering::Relaxed);
+                self.health.resets.fetch_add(1, Ordering::Relaxed);
+                warn!(topic = %self.topic, fatal, in_flight = old.in_flight_count(),
+                    "kafka producer stuck, replaced it; its queued records are answered 503");
+                drop(old);
+            }
+            Err(err) => error!(error = %err, "cannot replace the stuck kafka producer"),
+        }
     }
 
     /// Shared view of Kafka's state for readiness and metrics.
@@ -247,7 +346,7 @@ impl EventProducer {
     /// # Errors
     /// The metadata request's failure.
     pub fn probe(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.inner
+        self.inner()
             .client()
             .fetch_metadata(Some(&self.topic), timeout)?;
         self.health.up.store(true, Ordering::Relaxed);
@@ -256,7 +355,7 @@ impl EventProducer {
 
     /// Records queued in the producer or awaiting acknowledgement.
     pub fn queue_depth(&self) -> usize {
-        self.inner.in_flight_count().max(0) as usize
+        self.inner().in_flight_count().max(0) as usize
     }
 
     /// Queue depth at which new requests are refused.
@@ -296,11 +395,12 @@ impl EventProducer {
     pub fn send_batch(&self, records: &[OutgoingRecord]) -> Result<AckFuture, ProduceError> {
         self.check_capacity(records.len())?;
         let ack = RequestAck::new(records.len());
+        let producer = self.inner();
         for (sent, record) in records.iter().enumerate() {
             let base = BaseRecord::with_opaque_to(&self.topic, Arc::clone(&ack))
                 .key(record.key.as_bytes())
                 .payload(&record.payload);
-            if let Err((err, _)) = self.inner.send(base) {
+            if let Err((err, _)) = producer.send(base) {
                 let unsent = records.len() - sent;
                 ack.abandon(unsent, err.to_string());
                 if sent == 0 {
@@ -329,8 +429,22 @@ impl EventProducer {
     /// # Errors
     /// The records still queued when the time ran out.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.inner.flush(timeout)
+        self.inner().flush(timeout)
     }
+}
+
+fn build(config: &ClientConfig, health: &Arc<KafkaHealth>) -> Result<Inner, ProduceError> {
+    config
+        .create_with_context(DeliveryContext {
+            health: Arc::clone(health),
+        })
+        .map_err(ProduceError::Create)
+}
+
+fn epoch_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

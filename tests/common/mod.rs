@@ -1,0 +1,343 @@
+//! Test harness for black-box tests against the real local stack (`make stack-up`):
+//! starts `fanfinity` processes with private topics, consumer group and database, talks
+//! to them over raw HTTP/1.1, and reads ClickHouse over its HTTP interface.
+//!
+//! Addresses come from the environment so CI and developers can move the stack:
+//! `TEST_KAFKA_BROKERS` (default 127.0.0.1:19092), `TEST_CLICKHOUSE_URL`
+//! (default http://127.0.0.1:18123), `TEST_TANSU_BIN` (default
+//! target/stack/bin/tansu, for tests that run a broker of their own).
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+pub fn brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+pub fn clickhouse_url() -> String {
+    std::env::var("TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:18123".into())
+}
+
+pub fn tansu_bin() -> PathBuf {
+    std::env::var("TEST_TANSU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/stack/bin/tansu"))
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Names private to one test: topics, group, database.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub prefix: String,
+    pub database: String,
+}
+
+impl Names {
+    pub fn new(test: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() % 100_000_000)
+            .unwrap_or(0);
+        let tag = format!("{test}_{}_{n}_{stamp}", std::process::id());
+        Self {
+            prefix: format!("t.{tag}"),
+            database: format!("t_{tag}"),
+        }
+    }
+
+    /// `--set` arguments that point a fanfinity process at these names.
+    pub fn settings(&self, brokers: &str) -> Vec<String> {
+        vec![
+            format!("kafka.brokers=\"{brokers}\""),
+            format!("kafka.topic=\"{}.events\"", self.prefix),
+            format!("kafka.retry_topic=\"{}.events.retry\"", self.prefix),
+            format!("kafka.dead_topic=\"{}.events.dead\"", self.prefix),
+            format!("consumer.group_id=\"{}.sink\"", self.prefix),
+            format!("clickhouse.url=\"{}\"", clickhouse_url()),
+            format!("clickhouse.database=\"{}\"", self.database),
+        ]
+    }
+}
+
+/// A running fanfinity process, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Server {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Server {
+    /// Starts `fanfinity <command>` with the test's names and extra `--set` pairs. For
+    /// `serve` and `ingest`, waits until `/readyz` answers 200.
+    pub fn start(command: &str, names: &Names, brokers: &str, extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut args = vec![command.to_string(), "--shards".into(), "2".into()];
+        let mut sets = names.settings(brokers);
+        sets.push(format!("http.listen=\"127.0.0.1:{port}\""));
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        for set in sets {
+            args.push("--set".into());
+            args.push(set);
+        }
+        let log_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-logs");
+        std::fs::create_dir_all(&log_dir).expect("create target/test-logs");
+        let log = log_dir.join(format!("{}-{command}-{port}.log", names.database));
+        let mut server = Self {
+            child: None,
+            port,
+            log,
+            args,
+        };
+        server.spawn();
+        if command != "consume" {
+            server.wait_ready(Duration::from_secs(60));
+        }
+        server
+    }
+
+    /// Starts the process again with the same arguments (after [`Server::kill9`]).
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open server log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fanfinity"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fanfinity");
+        self.child = Some(child);
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn wait_ready(&self, limit: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(resp) = try_request(&self.addr(), "GET", "/readyz", &[], b"") {
+                if resp.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("fanfinity not ready within {limit:?}; log: {}", self.log.display());
+    }
+
+    /// SIGKILL, no chance to flush or commit.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait up to `limit` for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    pub fn post(&self, content_type: &str, body: &[u8]) -> Response {
+        request(&self.addr(), "POST", "/v1/events", &[("Content-Type", content_type)], body)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        request(&self.addr(), "GET", path, &[], b"")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(15));
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!("body is not JSON ({err}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    try_request(addr, method, path, headers, body)
+        .unwrap_or_else(|err| panic!("{method} {path} on {addr} failed: {err}"))
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), read to EOF.
+pub fn try_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
+    let bad = |what: &str| std::io::Error::other(format!("bad response: {what}"));
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let rest = &raw[split + 4..];
+    let body = if chunked { dechunk(rest).ok_or_else(|| bad("chunked body"))? } else { rest.to_vec() };
+    Ok(Response { status, headers, body })
+}
+
+/// Decodes a chunked body (ClickHouse streams its answers this way).
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
+/// Runs SQL on ClickHouse over HTTP and returns the text answer.
+pub fn clickhouse(sql: &str) -> String {
+    let url = clickhouse_url();
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let resp = request(addr, "POST", "/", &[], sql.as_bytes());
+    assert_eq!(resp.status, 200, "clickhouse refused {sql}: {}", resp.text());
+    resp.text()
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `limit` with `what`.
+pub fn eventually<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        if started.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Distinct event ids ClickHouse holds for a match (none while the table does not exist
+/// yet: the sink creates it when it starts).
+pub fn stored_ids(database: &str, match_id: &str) -> Vec<String> {
+    let url = clickhouse_url();
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let sql = format!(
+        "SELECT DISTINCT toString(event_id) FROM {database}.events WHERE match_id = '{match_id}' FORMAT TabSeparated"
+    );
+    let resp = request(addr, "POST", "/", &[], sql.as_bytes());
+    if resp.status != 200 {
+        assert!(resp.text().contains("doesn't exist"), "clickhouse refused {sql}: {}", resp.text());
+        return Vec::new();
+    }
+    let text = resp.text();
+    let mut ids: Vec<String> = text.lines().map(str::to_string).collect();
+    ids.sort();
+    ids
+}
+
+/// A fresh random UUID v4, formatted, for client-chosen event ids.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// One event as JSON with a client-chosen id.
+pub fn event(id: &str, match_id: &str, user: &str, kind: &str) -> serde_json::Value {
+    serde_json::json!({"event_id": id, "match_id": match_id, "user_id": user, "type": kind})
+}
+
+/// Drops the test's database.
+pub fn drop_database(names: &Names) {
+    let _ = try_request(
+        clickhouse_url().trim_start_matches("http://").trim_end_matches('/'),
+        "POST",
+        "/",
+        &[],
+        format!("DROP DATABASE IF EXISTS {}", names.database).as_bytes(),
+    );
+}

@@ -135,8 +135,9 @@ fn histogram_seconds(out: &mut String, name: &str, labels: &str, rec: &Recorder)
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {count}");
     }
     let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", rec.count());
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", rec.sum() as f64 / 1e6);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", rec.count());
+    let braced = braces(labels);
+    let _ = writeln!(out, "{name}_sum{braced} {}", rec.sum() as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{braced} {}", rec.count());
 }
 
 /// A histogram exported in the unit it was recorded in.
@@ -147,8 +148,18 @@ fn histogram_raw(out: &mut String, name: &str, labels: &str, rec: &Recorder, bou
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
     }
     let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", rec.count());
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", rec.sum());
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", rec.count());
+    let braced = braces(labels);
+    let _ = writeln!(out, "{name}_sum{braced} {}", rec.sum());
+    let _ = writeln!(out, "{name}_count{braced} {}", rec.count());
+}
+
+/// `{labels}`, or nothing for an unlabelled series.
+fn braces(labels: &str) -> String {
+    if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    }
 }
 
 #[cfg(test)]
@@ -186,5 +197,6 @@ mod tests {
         assert!(text.contains("fanfinity_sink_rows_inserted_total 500"));
         assert!(text.contains("fanfinity_sink_batch_rows_bucket{le=\"500\"} 1"));
         assert!(text.contains("fanfinity_clickhouse_up 1"));
+        assert!(text.contains("fanfinity_sink_batch_rows_count 1\n"));
     }
 }

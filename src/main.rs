@@ -110,7 +110,11 @@ fn load_config(global: &GlobalArgs) -> Result<Config> {
     for (key, value) in shortcuts {
         if let Some(value) = value {
             // Quoted so addresses and URLs stay strings.
-            let value = if key == "http.shards" { value } else { format!("{value:?}") };
+            let value = if key == "http.shards" {
+                value
+            } else {
+                format!("{value:?}")
+            };
             pairs.push(format!("{key}={value}"));
         }
     }

@@ -14,10 +14,14 @@ use serde_json::json;
 const LAND: Duration = Duration::from_secs(60);
 
 fn wait_for_ids(names: &Names, match_id: &str, expected: usize) -> Vec<String> {
-    eventually(LAND, &format!("{expected} events of {match_id} in ClickHouse"), || {
-        let ids = stored_ids(&names.database, match_id);
-        (ids.len() >= expected).then_some(ids)
-    })
+    eventually(
+        LAND,
+        &format!("{expected} events of {match_id} in ClickHouse"),
+        || {
+            let ids = stored_ids(&names.database, match_id);
+            (ids.len() >= expected).then_some(ids)
+        },
+    )
 }
 
 #[test]
@@ -42,8 +46,16 @@ fn single_array_and_ndjson_posts_land_with_every_field() {
     }]);
     let resp = server.post("application/json", array.to_string().as_bytes());
     assert_eq!(resp.status, 202, "{}", resp.text());
-    let assigned = resp.json()["event_ids"][1].as_str().expect("server id").to_string();
-    assert_eq!(uuid::Uuid::parse_str(&assigned).expect("uuid").get_version_num(), 7);
+    let assigned = resp.json()["event_ids"][1]
+        .as_str()
+        .expect("server id")
+        .to_string();
+    assert_eq!(
+        uuid::Uuid::parse_str(&assigned)
+            .expect("uuid")
+            .get_version_num(),
+        7
+    );
 
     let ndjson = format!(
         "{}\n{}\n",
@@ -67,7 +79,16 @@ fn single_array_and_ndjson_posts_land_with_every_field() {
     let fields: Vec<&str> = row.trim_end().split('\t').collect();
     assert_eq!(
         fields,
-        vec![m, "fan-1", "reaction", "ARG", "1671376980000", "1671376980", r#"{"emoji":"🔥"}"#, "1"]
+        vec![
+            m,
+            "fan-1",
+            "reaction",
+            "ARG",
+            "1671376980000",
+            "1671376980",
+            r#"{"emoji":"🔥"}"#,
+            "1"
+        ]
     );
     drop(server);
     drop_database(&names);
@@ -94,13 +115,24 @@ fn one_invalid_event_rejects_the_whole_batch() {
         .as_array()
         .expect("details")
         .iter()
-        .map(|d| (d["index"].as_u64().unwrap_or(99), d["field"].as_str().unwrap_or("").to_string()))
+        .map(|d| {
+            (
+                d["index"].as_u64().unwrap_or(99),
+                d["field"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
-    assert_eq!(listed, vec![(1, "match_id".to_string()), (2, "type".to_string())]);
+    assert_eq!(
+        listed,
+        vec![(1, "match_id".to_string()), (2, "type".to_string())]
+    );
 
     // A later valid event proves the sink ran past where the batch would have been.
     let marker = new_id();
-    let resp = server.post("application/json", event(&marker, m, "fan-9", "view").to_string().as_bytes());
+    let resp = server.post(
+        "application/json",
+        event(&marker, m, "fan-9", "view").to_string().as_bytes(),
+    );
     assert_eq!(resp.status, 202);
     let ids = wait_for_ids(&names, m, 1);
     assert_eq!(ids, vec![marker], "only the marker may be stored");
@@ -115,16 +147,40 @@ fn errors_are_precise_4xx_with_json_bodies() {
 
     let too_big = vec![b' '; 5000];
     let cases: Vec<(u16, &str, Response)> = vec![
-        (413, "payload_too_large", server.post("application/json", &too_big)),
-        (415, "unsupported_media_type", server.post("text/xml", b"<e/>")),
-        (415, "unsupported_media_type", request(&server.addr(), "POST", "/v1/events", &[], b"{}")),
-        (400, "malformed_json", server.post("application/json", b"{\"match_id\": ")),
-        (400, "malformed_json", server.post("application/x-ndjson", b"{}\n{nope}\n")),
+        (
+            413,
+            "payload_too_large",
+            server.post("application/json", &too_big),
+        ),
+        (
+            415,
+            "unsupported_media_type",
+            server.post("text/xml", b"<e/>"),
+        ),
+        (
+            415,
+            "unsupported_media_type",
+            request(&server.addr(), "POST", "/v1/events", &[], b"{}"),
+        ),
+        (
+            400,
+            "malformed_json",
+            server.post("application/json", b"{\"match_id\": "),
+        ),
+        (
+            400,
+            "malformed_json",
+            server.post("application/x-ndjson", b"{}\n{nope}\n"),
+        ),
         (400, "empty_body", server.post("application/json", b"")),
         (400, "no_events", server.post("application/json", b"[]")),
         (404, "not_found", server.get("/v2/nothing")),
         (405, "method_not_allowed", server.get("/v1/events")),
-        (400, "invalid_parameter", server.get("/v1/matches/m1/metrics?bucket=7x")),
+        (
+            400,
+            "invalid_parameter",
+            server.get("/v1/matches/m1/metrics?bucket=7x"),
+        ),
     ];
     for (status, code, resp) in cases {
         assert_eq!(resp.status, status, "{code}: {}", resp.text());
@@ -147,10 +203,15 @@ fn metrics_endpoint_matches_the_events_posted() {
     // Minute 0: 3 cheers by 2 fans. Minute 23: 5 goal celebrations by 5 fans, 1 view.
     let mut events = vec![];
     for (minute, kind, user) in [
-        (0, "cheer", "a"), (0, "cheer", "a"), (0, "cheer", "b"),
-        (23, "goal_celebration", "a"), (23, "goal_celebration", "c"),
-        (23, "goal_celebration", "d"), (23, "goal_celebration", "e"),
-        (23, "goal_celebration", "f"), (23, "view", "a"),
+        (0, "cheer", "a"),
+        (0, "cheer", "a"),
+        (0, "cheer", "b"),
+        (23, "goal_celebration", "a"),
+        (23, "goal_celebration", "c"),
+        (23, "goal_celebration", "d"),
+        (23, "goal_celebration", "e"),
+        (23, "goal_celebration", "f"),
+        (23, "view", "a"),
     ] {
         let mut e = event(&new_id(), m, user, kind);
         e["ts"] = json!(kickoff_ms + minute * 60_000 + 5_000);
@@ -160,7 +221,10 @@ fn metrics_endpoint_matches_the_events_posted() {
     assert_eq!(resp.status, 202, "{}", resp.text());
 
     // The same event sent again (a client retry) must not count twice.
-    let again = server.post("application/json", json!([events[0]]).to_string().as_bytes());
+    let again = server.post(
+        "application/json",
+        json!([events[0]]).to_string().as_bytes(),
+    );
     assert_eq!(again.status, 202);
     wait_for_ids(&names, m, 9);
     eventually(LAND, "the retried copy to be stored", || {
@@ -171,7 +235,9 @@ fn metrics_endpoint_matches_the_events_posted() {
         (rows.trim() == "10").then_some(())
     });
 
-    let body = server.get(&format!("/v1/matches/{m}/metrics?bucket=60s")).json();
+    let body = server
+        .get(&format!("/v1/matches/{m}/metrics?bucket=60s"))
+        .json();
     assert_eq!(body["total_events"], 9);
     assert_eq!(body["unique_fans"], 6);
     assert_eq!(body["by_type"]["cheer"], 3);
@@ -184,12 +250,16 @@ fn metrics_endpoint_matches_the_events_posted() {
     assert_eq!(timeline[0]["events"], 3);
     assert_eq!(timeline[1]["t"], kickoff_ms + 23 * 60_000);
     assert_eq!(timeline[1]["events"], 6);
-    assert!(body["newest_received_at_ms"].as_i64().is_some_and(|t| t > kickoff_ms));
+    assert!(body["newest_received_at_ms"]
+        .as_i64()
+        .is_some_and(|t| t > kickoff_ms));
 
     // A window holding only minute 23.
     let from = kickoff_ms + 10 * 60_000;
     let windowed = server
-        .get(&format!("/v1/matches/{m}/metrics?from={from}&to=2022-12-18T16:00:00Z&bucket=1m"))
+        .get(&format!(
+            "/v1/matches/{m}/metrics?from={from}&to=2022-12-18T16:00:00Z&bucket=1m"
+        ))
         .json();
     assert_eq!(windowed["total_events"], 6);
     assert_eq!(windowed["by_type"]["cheer"], 0);
@@ -222,7 +292,11 @@ fn consumer_restart_resumes_without_loss() {
     consumer.kill9();
     sent.extend(post_batch(300));
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(stored_ids(&names.database, m).len(), 200, "nothing is consumed while down");
+    assert_eq!(
+        stored_ids(&names.database, m).len(),
+        200,
+        "nothing is consumed while down"
+    );
 
     consumer.spawn();
     sent.extend(post_batch(100));
@@ -244,7 +318,13 @@ impl PrivateBroker {
     fn start(port: u16) -> Self {
         let url = format!("tcp://127.0.0.1:{port}");
         let child = std::process::Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -252,7 +332,10 @@ impl PrivateBroker {
         eventually(Duration::from_secs(20), "private broker to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        Self { child: Some(child), port }
+        Self {
+            child: Some(child),
+            port,
+        }
     }
 
     fn stop(&mut self) {
@@ -284,12 +367,20 @@ fn answers_503_while_the_broker_is_down_and_recovers() {
 
     broker.stop();
     // Within a bounded time every answer is a 503 with Retry-After, never a 202.
-    let refused = eventually(Duration::from_secs(30), "a 503 after the broker stopped", || {
-        let started = Instant::now();
-        let resp = server.post("application/json", one().as_bytes());
-        assert!(started.elapsed() < Duration::from_secs(8), "answer took {:?}", started.elapsed());
-        (resp.status == 503).then_some(resp)
-    });
+    let refused = eventually(
+        Duration::from_secs(30),
+        "a 503 after the broker stopped",
+        || {
+            let started = Instant::now();
+            let resp = server.post("application/json", one().as_bytes());
+            assert!(
+                started.elapsed() < Duration::from_secs(8),
+                "answer took {:?}",
+                started.elapsed()
+            );
+            (resp.status == 503).then_some(resp)
+        },
+    );
     assert!(refused.header("retry-after").is_some());
     assert!(matches!(
         refused.json()["error"].as_str(),
@@ -301,7 +392,11 @@ fn answers_503_while_the_broker_is_down_and_recovers() {
     let fast = Instant::now();
     let resp = server.post("application/json", one().as_bytes());
     assert_eq!(resp.status, 503);
-    assert!(fast.elapsed() < Duration::from_millis(200), "known-down answer took {:?}", fast.elapsed());
+    assert!(
+        fast.elapsed() < Duration::from_millis(200),
+        "known-down answer took {:?}",
+        fast.elapsed()
+    );
 
     // The memory broker lost its topics with its process: recreate them, as an operator
     // would with `fanfinity topics create`.
@@ -321,9 +416,11 @@ fn answers_503_while_the_broker_is_down_and_recovers() {
         .expect("run fanfinity topics create");
     assert!(status.success());
 
-    eventually(Duration::from_secs(60), "a 202 after the broker returned", || {
-        (server.post("application/json", one().as_bytes()).status == 202).then_some(())
-    });
+    eventually(
+        Duration::from_secs(60),
+        "a 202 after the broker returned",
+        || (server.post("application/json", one().as_bytes()).status == 202).then_some(()),
+    );
     server.wait_ready(Duration::from_secs(30));
     drop(server);
     drop_database(&names);

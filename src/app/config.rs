@@ -358,8 +358,7 @@ impl Config {
                 return invalid(field, "must be 1-249 chars of [A-Za-z0-9._-]");
             }
         }
-        if k.topic == k.retry_topic || k.topic == k.dead_topic || k.retry_topic == k.dead_topic
-        {
+        if k.topic == k.retry_topic || k.topic == k.dead_topic || k.retry_topic == k.dead_topic {
             return invalid("kafka.topic", "events, retry and dead topics must differ");
         }
         if k.partitions < 1 {
@@ -369,16 +368,25 @@ impl Config {
             return invalid("kafka.replication_factor", "must be at least 1");
         }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
-            return invalid("kafka.compression", "must be none, gzip, snappy, lz4 or zstd");
+            return invalid(
+                "kafka.compression",
+                "must be none, gzip, snappy, lz4 or zstd",
+            );
         }
         if k.message_timeout_ms == 0 || k.queue_max_messages == 0 {
-            return invalid("kafka.message_timeout_ms", "and queue_max_messages must be > 0");
+            return invalid(
+                "kafka.message_timeout_ms",
+                "and queue_max_messages must be > 0",
+            );
         }
         if !(k.queue_ready_fraction > 0.0 && k.queue_ready_fraction <= 1.0) {
             return invalid("kafka.queue_ready_fraction", "must be in (0, 1]");
         }
         if self.http.max_body_bytes == 0 || self.http.max_events_per_request == 0 {
-            return invalid("http.max_body_bytes", "and max_events_per_request must be > 0");
+            return invalid(
+                "http.max_body_bytes",
+                "and max_events_per_request must be > 0",
+            );
         }
         if self.http.ack_timeout_ms <= u64::from(k.message_timeout_ms) {
             return invalid(
@@ -480,7 +488,11 @@ mod tests {
     fn set_overrides_nested_keys_with_typed_values() {
         let config = Config::load(
             None,
-            &overrides(&["http.shards=3", "kafka.brokers=10.0.0.1:9092", "clickhouse.validation=true"]),
+            &overrides(&[
+                "http.shards=3",
+                "kafka.brokers=10.0.0.1:9092",
+                "clickhouse.validation=true",
+            ]),
         )
         .expect("overrides apply");
         assert_eq!(config.http.shards, 3);

@@ -213,8 +213,11 @@ impl AppContext {
         for consumer in consumers {
             consumer.join();
         }
-        info!(consumers = count, rows_inserted = self.sink_status.rows_inserted.load(Ordering::Relaxed),
-            "shutdown: consumers stopped");
+        info!(
+            consumers = count,
+            rows_inserted = self.sink_status.rows_inserted.load(Ordering::Relaxed),
+            "shutdown: consumers stopped"
+        );
 
         drop(self.query.take());
         info!("shutdown: complete");
@@ -232,7 +235,10 @@ fn start_sink(
     std::thread::Builder::new()
         .name("sink-start".into())
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(err) => {
                     error!(error = %err, "cannot start a runtime for migrations; sink not started");
@@ -271,7 +277,7 @@ fn start_sink(
             }
         })
         .map_err(|source| StartError::Thread {
-        name: "sink-start",
-        source,
-    })
+            name: "sink-start",
+            source,
+        })
 }

@@ -31,8 +31,17 @@ fn raise(resource: libc::__rlimit_resource_t, name: &str) {
     limit.rlim_cur = limit.rlim_max;
     // SAFETY: as above.
     if unsafe { libc::setrlimit(resource, &limit) } == 0 {
-        info!(limit = name, before, after = limit.rlim_cur, "raised resource limit");
+        info!(
+            limit = name,
+            before,
+            after = limit.rlim_cur,
+            "raised resource limit"
+        );
     } else {
-        warn!(limit = name, current = before, "cannot raise resource limit");
+        warn!(
+            limit = name,
+            current = before,
+            "cannot raise resource limit"
+        );
     }
 }

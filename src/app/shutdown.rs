@@ -32,7 +32,10 @@ pub fn wait_for_signal() -> std::io::Result<i32> {
         .name("second-signal".into())
         .spawn(move || {
             if let Some(second) = signals.forever().next() {
-                warn!(signal = second, "second signal, exiting without finishing shutdown");
+                warn!(
+                    signal = second,
+                    "second signal, exiting without finishing shutdown"
+                );
                 std::process::exit(130);
             }
         })?;

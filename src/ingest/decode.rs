@@ -119,9 +119,10 @@ fn parse_ndjson(body: &[u8], max_events: usize) -> Result<Vec<Value>, IngestErro
                 limit: max_events,
             });
         }
-        let value: Value = sonic_rs::from_slice(line).map_err(|err| IngestError::MalformedJson {
-            detail: format!("line {}: {err}", line_no + 1),
-        })?;
+        let value: Value =
+            sonic_rs::from_slice(line).map_err(|err| IngestError::MalformedJson {
+                detail: format!("line {}: {err}", line_no + 1),
+            })?;
         values.push(value);
     }
     Ok(values)
@@ -143,7 +144,10 @@ mod tests {
         let array = format!("[{EVENT},{EVENT}]");
         assert_eq!(decode(&array, BodyFormat::Json).expect("array").len(), 2);
         let ndjson = format!("{EVENT}\n\n{EVENT}\r\n{EVENT}\n");
-        assert_eq!(decode(&ndjson, BodyFormat::Ndjson).expect("ndjson").len(), 3);
+        assert_eq!(
+            decode(&ndjson, BodyFormat::Ndjson).expect("ndjson").len(),
+            3
+        );
     }
 
     #[test]
@@ -166,22 +170,37 @@ mod tests {
 
     #[test]
     fn malformed_json_and_empty_bodies() {
-        assert!(matches!(decode("{", BodyFormat::Json), Err(IngestError::MalformedJson { .. })));
-        assert!(matches!(decode("  \n", BodyFormat::Json), Err(IngestError::EmptyBody)));
-        assert!(matches!(decode("[]", BodyFormat::Json), Err(IngestError::NoEvents)));
-        assert!(matches!(decode("\"x\"", BodyFormat::Json), Err(IngestError::MalformedJson { .. })));
+        assert!(matches!(
+            decode("{", BodyFormat::Json),
+            Err(IngestError::MalformedJson { .. })
+        ));
+        assert!(matches!(
+            decode("  \n", BodyFormat::Json),
+            Err(IngestError::EmptyBody)
+        ));
+        assert!(matches!(
+            decode("[]", BodyFormat::Json),
+            Err(IngestError::NoEvents)
+        ));
+        assert!(matches!(
+            decode("\"x\"", BodyFormat::Json),
+            Err(IngestError::MalformedJson { .. })
+        ));
         let err = decode(&format!("{EVENT}\n{{oops\n"), BodyFormat::Ndjson).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
     }
 
     #[test]
     fn refuses_more_events_than_the_limit() {
-        let array = format!("[{}]", vec![EVENT; 11].join(","));
+        let array = format!("[{}]", [EVENT; 11].join(","));
         assert!(matches!(
             decode(&array, BodyFormat::Json),
-            Err(IngestError::TooManyEvents { count: 11, limit: 10 })
+            Err(IngestError::TooManyEvents {
+                count: 11,
+                limit: 10
+            })
         ));
-        let ndjson = vec![EVENT; 11].join("\n");
+        let ndjson = [EVENT; 11].join("\n");
         assert!(matches!(
             decode(&ndjson, BodyFormat::Ndjson),
             Err(IngestError::TooManyEvents { .. })

@@ -18,7 +18,10 @@ pub enum IngestError {
     NotFound { method: String, path: String },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
-    #[error("content type {content_type:?} is not supported; use application/json or application/x-ndjson")]
+    #[error(
+        "content type {content_type:?} is not supported; \
+         use application/json or application/x-ndjson"
+    )]
     UnsupportedMediaType { content_type: String },
     #[error("request body exceeds {limit_bytes} bytes")]
     PayloadTooLarge { limit_bytes: usize },
@@ -148,7 +151,10 @@ mod tests {
             queued: 10,
             limit: 10,
         });
-        assert_eq!(err.status_and_code(), (StatusCode::SERVICE_UNAVAILABLE, "overloaded"));
+        assert_eq!(
+            err.status_and_code(),
+            (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+        );
         assert!(err.is_retryable());
     }
 

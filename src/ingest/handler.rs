@@ -62,7 +62,10 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
             let params = MetricsParams::parse(match_id, req.uri().query());
             (Route::Query, match_metrics(ctx, params).await)
         }
-        (["healthz"], &Method::GET) => (Route::Health, Ok((json(StatusCode::OK, &Health { status: "ok" }), 0))),
+        (["healthz"], &Method::GET) => (
+            Route::Health,
+            Ok((json(StatusCode::OK, &Health { status: "ok" }), 0)),
+        ),
         (["readyz"], &Method::GET) => (Route::Health, Ok((readiness(&ctx.shared), 0))),
         (["metrics"], &Method::GET) => (Route::Metrics, Ok((prometheus(&ctx.shared), 0))),
         (["v1", "matches", _, "metrics"] | ["healthz"] | ["readyz"] | ["metrics"], _) => {
@@ -97,7 +100,10 @@ async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
         return Err(IngestError::ShuttingDown);
     }
     let http = &shared.config.http;
-    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     let format = BodyFormat::from_content_type(content_type)?;
     // Refuse early when Kafka cannot take anything, before reading the body.
     shared.producer.check_capacity(1)?;
@@ -131,7 +137,11 @@ async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
     }
 
     let ids: Vec<Uuid> = records.iter().map(|r| r.event_id).collect();
-    debug!(shard = ctx.shard, events = ids.len(), "request acknowledged by kafka");
+    debug!(
+        shard = ctx.shard,
+        events = ids.len(),
+        "request acknowledged by kafka"
+    );
     let body = Accepted {
         accepted: ids.len(),
         event_ids: &ids,
@@ -242,7 +252,10 @@ fn error_response(err: &IngestError, shared: &Arc<IngestShared>) -> HttpResponse
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if err.is_retryable() {
-        headers.insert(RETRY_AFTER, HeaderValue::from(shared.config.http.retry_after_secs));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from(shared.config.http.retry_after_secs),
+        );
     }
     response
 }

@@ -101,7 +101,11 @@ pub fn start_shards(shared: Arc<IngestShared>) -> Result<Shards, ServerError> {
         match ready_rx.recv() {
             Ok(Ok(shard)) => debug!(shard, "shard listening"),
             Ok(Err(err)) => return Err(err),
-            Err(_) => return Err(ServerError::Vanished { shard: handles.len() }),
+            Err(_) => {
+                return Err(ServerError::Vanished {
+                    shard: handles.len(),
+                })
+            }
         }
     }
     info!(shards = handles.len(), listen = %http.listen, "ingest listening");
@@ -148,14 +152,22 @@ async fn run_shard(
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     if connections.get() > 0 {
-        warn!(shard, open = connections.get(), grace_ms = grace.as_millis() as u64,
-            "closing connections that did not finish in time");
+        warn!(
+            shard,
+            open = connections.get(),
+            grace_ms = grace.as_millis() as u64,
+            "closing connections that did not finish in time"
+        );
     } else {
         info!(shard, "shard drained");
     }
 }
 
-async fn accept_loop(ctx: &Rc<ShardContext>, listener: &TcpListener, connections: &Rc<Cell<usize>>) {
+async fn accept_loop(
+    ctx: &Rc<ShardContext>,
+    listener: &TcpListener,
+    connections: &Rc<Cell<usize>>,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = future::or(async { Some(listener.accept().await) }, async {

@@ -11,8 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::event::{
-    is_valid_match_id, EventRecord, EventType, MAX_PAYLOAD_BYTES, MAX_TEAM_CHARS,
-    MAX_USER_ID_CHARS,
+    is_valid_match_id, EventRecord, EventType, MAX_PAYLOAD_BYTES, MAX_TEAM_CHARS, MAX_USER_ID_CHARS,
 };
 
 /// One problem with one field of one event, as listed in a 400 answer.
@@ -127,9 +126,7 @@ pub fn validate_event(
         None => None,
         Some(v) if v.is_null() => None,
         Some(v) => match v.as_str() {
-            Some(t) if !t.is_empty() && t.chars().count() <= MAX_TEAM_CHARS => {
-                Some(t.to_string())
-            }
+            Some(t) if !t.is_empty() && t.chars().count() <= MAX_TEAM_CHARS => Some(t.to_string()),
             _ => {
                 fail("team", "must be a string of 1-64 characters");
                 None
@@ -158,9 +155,7 @@ pub fn validate_event(
     };
 
     match (event_id, match_id, user_id, event_type) {
-        (Some(event_id), Some(match_id), Some(user_id), Some(event_type))
-            if errors.is_empty() =>
-        {
+        (Some(event_id), Some(match_id), Some(user_id), Some(event_type)) if errors.is_empty() => {
             Ok(EventRecord {
                 event_id,
                 match_id,
@@ -228,7 +223,10 @@ mod tests {
                 "user_id":"u1","type":"view"}"#,
         )
         .expect("valid");
-        assert_eq!(record.event_id.to_string(), "0b5e2d4c-6f7a-4b8c-9d0e-1f2a3b4c5d6e");
+        assert_eq!(
+            record.event_id.to_string(),
+            "0b5e2d4c-6f7a-4b8c-9d0e-1f2a3b4c5d6e"
+        );
     }
 
     #[test]

@@ -91,8 +91,11 @@ impl ConsumerContext for SinkContext {
         if let Rebalance::Revoke(partitions) = rebalance {
             // Stored offsets only ever cover inserted rows, so committing them is safe.
             match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) => info!(consumer = self.consumer, partitions = partitions.count(),
-                    "partitions revoked, stored offsets committed"),
+                Ok(()) => info!(
+                    consumer = self.consumer,
+                    partitions = partitions.count(),
+                    "partitions revoked, stored offsets committed"
+                ),
                 Err(err) => debug!(consumer = self.consumer, error = %err,
                     "nothing committed on revoke"),
             }
@@ -101,7 +104,11 @@ impl ConsumerContext for SinkContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
-            info!(consumer = self.consumer, partitions = partitions.count(), "partitions assigned");
+            info!(
+                consumer = self.consumer,
+                partitions = partitions.count(),
+                "partitions assigned"
+            );
         }
     }
 }
@@ -183,7 +190,10 @@ pub fn spawn_consumers(
                 }
                 worker.run();
             })
-            .map_err(|source| ConsumeError::Spawn { consumer: id, source })?;
+            .map_err(|source| ConsumeError::Spawn {
+                consumer: id,
+                source,
+            })?;
         handles.push(ConsumerHandle { id, thread });
     }
     Ok(handles)
@@ -217,14 +227,23 @@ fn create_consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &config.consumer.auto_offset_reset)
-        .set("session.timeout.ms", config.consumer.session_timeout_ms.to_string())
-        .set("max.poll.interval.ms", config.consumer.max_poll_interval_ms.to_string())
+        .set(
+            "session.timeout.ms",
+            config.consumer.session_timeout_ms.to_string(),
+        )
+        .set(
+            "max.poll.interval.ms",
+            config.consumer.max_poll_interval_ms.to_string(),
+        )
         .set("statistics.interval.ms", "5000")
         .create_with_context(SinkContext {
             consumer: id,
             status,
         })
-        .map_err(|source| ConsumeError::Create { consumer: id, source })?;
+        .map_err(|source| ConsumeError::Create {
+            consumer: id,
+            source,
+        })?;
     consumer
         .subscribe(&[&config.kafka.topic])
         .map_err(|source| ConsumeError::Subscribe {
@@ -250,7 +269,9 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        self.status.consumers_running.fetch_add(1, Ordering::Relaxed);
+        self.status
+            .consumers_running
+            .fetch_add(1, Ordering::Relaxed);
         let mut batch = Batch::default();
 
         while !self.stop.load(Ordering::Relaxed) {
@@ -270,15 +291,20 @@ impl Worker {
             self.flush(&mut batch, Some(deadline));
         }
         if !batch.is_empty() {
-            error!(consumer = self.id, batch_rows = batch.rows.len(),
+            error!(
+                consumer = self.id,
+                batch_rows = batch.rows.len(),
                 "stopping with an uninserted batch; its offsets stay uncommitted and \
-                 the rows will be consumed again");
+                 the rows will be consumed again"
+            );
         }
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => info!(consumer = self.id, "offsets committed at close"),
             Err(err) => debug!(consumer = self.id, error = %err, "nothing to commit at close"),
         }
-        self.status.consumers_running.fetch_sub(1, Ordering::Relaxed);
+        self.status
+            .consumers_running
+            .fetch_sub(1, Ordering::Relaxed);
         info!(consumer = self.id, "consumer stopped");
     }
 
@@ -298,8 +324,14 @@ impl Worker {
             }
             Err(reason) => {
                 self.status.invalid_records.fetch_add(1, Ordering::Relaxed);
-                warn!(consumer = self.id, topic = msg.topic(), partition = msg.partition(),
-                    offset = msg.offset(), reason, "skipping record that is not an event");
+                warn!(
+                    consumer = self.id,
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    reason,
+                    "skipping record that is not an event"
+                );
             }
         }
     }
@@ -317,13 +349,19 @@ impl Worker {
             match self.writer.insert(&batch.rows) {
                 Ok(elapsed) => {
                     let rows = batch.rows.len();
-                    self.status.insert_succeeded(rows, elapsed.as_micros() as u64);
-                    debug!(consumer = self.id, batch_rows = rows,
-                        elapsed_ms = elapsed.as_millis() as u64, "batch inserted");
+                    self.status
+                        .insert_succeeded(rows, elapsed.as_micros() as u64);
+                    debug!(
+                        consumer = self.id,
+                        batch_rows = rows,
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "batch inserted"
+                    );
                     break;
                 }
                 Err(err) => {
-                    self.status.insert_failed(&format!("{err}: {}", source_chain(&err)));
+                    self.status
+                        .insert_failed(&format!("{err}: {}", source_chain(&err)));
                     warn!(consumer = self.id, batch_rows = batch.rows.len(),
                         retry_in_ms = backoff.as_millis() as u64, error = %err,
                         cause = %source_chain(&err), "insert failed, retrying");
@@ -387,7 +425,8 @@ impl Worker {
         // A partition revoked while the batch was pending is refused here; its new owner
         // re-reads those records, which the event_id dedup absorbs.
         if let Err(err) = self.consumer.store_offsets(&tpl) {
-            warn!(consumer = self.id, error = %err, "cannot store offsets; records will be re-read");
+            warn!(consumer = self.id, error = %err,
+                "cannot store offsets; records will be re-read");
         }
     }
 }

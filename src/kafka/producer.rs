@@ -27,9 +27,7 @@ use atomic_waker::AtomicWaker;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer,
-};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use tracing::{error, info, warn};
 
@@ -193,7 +191,10 @@ impl ClientContext for DeliveryContext {
         let any_up = stats.brokers.values().any(|b| b.state == "UP");
         let was_up = self.health.up.swap(any_up, Ordering::Relaxed);
         if any_up && !was_up {
-            info!(brokers = stats.brokers.len(), "kafka reachable, accepting events");
+            info!(
+                brokers = stats.brokers.len(),
+                "kafka reachable, accepting events"
+            );
         } else if !any_up && was_up {
             warn!("no kafka broker is up, refusing events with 503");
         }
@@ -219,7 +220,12 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, ack: Arc<RequestAck>) {
         self.health.note_delivery(result.is_ok());
-        ack.report(result.as_ref().map(|_| ()).map_err(|(err, _)| err.to_string()));
+        ack.report(
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|(err, _)| err.to_string()),
+        );
     }
 }
 
@@ -459,7 +465,10 @@ mod tests {
         }
     }
 
-    fn poll_once(fut: &mut AckFuture, waker: &Arc<CountingWaker>) -> Poll<Result<(), ProduceError>> {
+    fn poll_once(
+        fut: &mut AckFuture,
+        waker: &Arc<CountingWaker>,
+    ) -> Poll<Result<(), ProduceError>> {
         let waker = std::task::Waker::from(Arc::clone(waker));
         let mut cx = Context::from_waker(&waker);
         Pin::new(fut).poll(&mut cx)
@@ -468,7 +477,9 @@ mod tests {
     #[test]
     fn ack_resolves_after_last_report_and_wakes_once() {
         let ack = RequestAck::new(3);
-        let mut fut = AckFuture { ack: Arc::clone(&ack) };
+        let mut fut = AckFuture {
+            ack: Arc::clone(&ack),
+        };
         let waker = Arc::new(CountingWaker(AtomicUsize::new(0)));
         assert!(poll_once(&mut fut, &waker).is_pending());
         ack.report(Ok(()));
@@ -482,7 +493,9 @@ mod tests {
     #[test]
     fn one_failed_record_fails_the_request() {
         let ack = RequestAck::new(2);
-        let mut fut = AckFuture { ack: Arc::clone(&ack) };
+        let mut fut = AckFuture {
+            ack: Arc::clone(&ack),
+        };
         ack.report(Ok(()));
         ack.report(Err("broker: message timed out".into()));
         let waker = Arc::new(CountingWaker(AtomicUsize::new(0)));
@@ -498,7 +511,9 @@ mod tests {
     #[test]
     fn abandoned_records_resolve_the_future() {
         let ack = RequestAck::new(4);
-        let mut fut = AckFuture { ack: Arc::clone(&ack) };
+        let mut fut = AckFuture {
+            ack: Arc::clone(&ack),
+        };
         ack.report(Ok(()));
         ack.abandon(3, "queue full".into());
         let waker = Arc::new(CountingWaker(AtomicUsize::new(0)));

@@ -97,12 +97,13 @@ impl TopicAdmin {
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(self.timeout));
-        let results = block_on(self.admin.create_topics(&new_topics, &options)).map_err(
-            |source| TopicError::Create {
-                topic: self.names().join(","),
-                source,
-            },
-        )?;
+        let results =
+            block_on(self.admin.create_topics(&new_topics, &options)).map_err(|source| {
+                TopicError::Create {
+                    topic: self.names().join(","),
+                    source,
+                }
+            })?;
         for result in results {
             match result {
                 Ok(topic) => info!(topic, partitions = self.config.partitions, "topic created"),

@@ -14,8 +14,8 @@ use crate::sink::status::{ClickHouseState, SinkStatus};
 
 /// Upper bounds of the request latency buckets, in microseconds.
 const LATENCY_BOUNDS_US: [u64; 15] = [
-    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 200_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
 ];
 
 /// Upper bounds of the sink batch size buckets, in rows.
@@ -43,9 +43,24 @@ pub fn render(sources: &Sources<'_>) -> String {
     let mut out = String::with_capacity(8 * 1024);
     render_shards(&mut out, sources.shards);
     if let Some(producer) = sources.producer {
-        gauge(&mut out, "fanfinity_kafka_up", "1 when a Kafka broker is reachable.", producer.kafka_up as u64);
-        gauge(&mut out, "fanfinity_producer_queue_messages", "Records queued in the producer or awaiting acknowledgement.", producer.queue_depth as u64);
-        gauge(&mut out, "fanfinity_producer_queue_limit_messages", "Queue depth at which requests get 503.", producer.queue_limit as u64);
+        gauge(
+            &mut out,
+            "fanfinity_kafka_up",
+            "1 when a Kafka broker is reachable.",
+            producer.kafka_up as u64,
+        );
+        gauge(
+            &mut out,
+            "fanfinity_producer_queue_messages",
+            "Records queued in the producer or awaiting acknowledgement.",
+            producer.queue_depth as u64,
+        );
+        gauge(
+            &mut out,
+            "fanfinity_producer_queue_limit_messages",
+            "Queue depth at which requests get 503.",
+            producer.queue_limit as u64,
+        );
     }
     if let Some(sink) = sources.sink {
         render_sink(&mut out, sink);
@@ -57,25 +72,45 @@ fn render_shards(out: &mut String, shards: &[Arc<ShardMetrics>]) {
     if shards.is_empty() {
         return;
     }
-    header(out, "fanfinity_http_requests_total", "counter", "HTTP requests answered, by shard, route and status (499: client went away).");
+    header(
+        out,
+        "fanfinity_http_requests_total",
+        "counter",
+        "HTTP requests answered, by shard, route and status (499: client went away).",
+    );
     for shard in shards {
         shard.with_stats(|stats| {
             for ((route, status), count) in &stats.requests {
                 let _ = writeln!(
                     out,
-                    "fanfinity_http_requests_total{{shard=\"{}\",route=\"{}\",status=\"{status}\"}} {count}",
+                    "fanfinity_http_requests_total{{shard=\"{}\",route=\"{}\",\
+                     status=\"{status}\"}} {count}",
                     shard.shard,
                     route.as_str()
                 );
             }
         });
     }
-    header(out, "fanfinity_events_accepted_total", "counter", "Events answered 202, by shard.");
+    header(
+        out,
+        "fanfinity_events_accepted_total",
+        "counter",
+        "Events answered 202, by shard.",
+    );
     for shard in shards {
         let accepted = shard.with_stats(|s| s.events_accepted).unwrap_or(0);
-        let _ = writeln!(out, "fanfinity_events_accepted_total{{shard=\"{}\"}} {accepted}", shard.shard);
+        let _ = writeln!(
+            out,
+            "fanfinity_events_accepted_total{{shard=\"{}\"}} {accepted}",
+            shard.shard
+        );
     }
-    header(out, "fanfinity_http_request_duration_seconds", "histogram", "Request latency from first byte parsed to answer ready, by shard and route.");
+    header(
+        out,
+        "fanfinity_http_request_duration_seconds",
+        "histogram",
+        "Request latency from first byte parsed to answer ready, by shard and route.",
+    );
     for shard in shards {
         shard.with_stats(|stats| {
             for (route, rec) in &stats.latency_us {
@@ -88,26 +123,81 @@ fn render_shards(out: &mut String, shards: &[Arc<ShardMetrics>]) {
 
 fn render_sink(out: &mut String, sink: &SinkStatus) {
     let report = sink.report();
-    gauge(out, "fanfinity_sink_consumers_running", "Consumer threads draining Kafka into ClickHouse.", report.consumers_running as u64);
-    gauge(out, "fanfinity_clickhouse_up", "1 when the last insert succeeded, 0 when it failed (absent: none yet).", u64::from(report.clickhouse == ClickHouseState::Up));
-    counter(out, "fanfinity_sink_rows_inserted_total", "Rows inserted into ClickHouse.", sink.rows_inserted.load(Ordering::Relaxed));
-    counter(out, "fanfinity_sink_batches_inserted_total", "Batches inserted into ClickHouse.", sink.batches_inserted.load(Ordering::Relaxed));
-    counter(out, "fanfinity_sink_insert_failures_total", "Insert attempts that failed and were retried.", sink.insert_failures.load(Ordering::Relaxed));
-    counter(out, "fanfinity_sink_invalid_records_total", "Records on the topic that were not valid events.", sink.invalid_records.load(Ordering::Relaxed));
+    gauge(
+        out,
+        "fanfinity_sink_consumers_running",
+        "Consumer threads draining Kafka into ClickHouse.",
+        report.consumers_running as u64,
+    );
+    gauge(
+        out,
+        "fanfinity_clickhouse_up",
+        "1 when the last insert succeeded, 0 when it failed (absent: none yet).",
+        u64::from(report.clickhouse == ClickHouseState::Up),
+    );
+    counter(
+        out,
+        "fanfinity_sink_rows_inserted_total",
+        "Rows inserted into ClickHouse.",
+        sink.rows_inserted.load(Ordering::Relaxed),
+    );
+    counter(
+        out,
+        "fanfinity_sink_batches_inserted_total",
+        "Batches inserted into ClickHouse.",
+        sink.batches_inserted.load(Ordering::Relaxed),
+    );
+    counter(
+        out,
+        "fanfinity_sink_insert_failures_total",
+        "Insert attempts that failed and were retried.",
+        sink.insert_failures.load(Ordering::Relaxed),
+    );
+    counter(
+        out,
+        "fanfinity_sink_invalid_records_total",
+        "Records on the topic that were not valid events.",
+        sink.invalid_records.load(Ordering::Relaxed),
+    );
 
-    header(out, "fanfinity_consumer_lag_messages", "gauge", "Messages between the committed position and the partition end, from librdkafka statistics.");
+    header(
+        out,
+        "fanfinity_consumer_lag_messages",
+        "gauge",
+        "Messages between the committed position and the partition end (librdkafka stats).",
+    );
     if let Ok(lag) = sink.lag.lock() {
         for ((topic, partition), value) in lag.iter() {
-            let _ = writeln!(out, "fanfinity_consumer_lag_messages{{topic=\"{topic}\",partition=\"{partition}\"}} {value}");
+            let _ = writeln!(
+                out,
+                "fanfinity_consumer_lag_messages{{topic=\"{topic}\",\
+                 partition=\"{partition}\"}} {value}"
+            );
         }
     }
 
     if let Ok(rec) = sink.batch_rows.lock() {
-        header(out, "fanfinity_sink_batch_rows", "histogram", "Rows per ClickHouse insert.");
-        histogram_raw(out, "fanfinity_sink_batch_rows", "", &rec, &BATCH_ROW_BOUNDS);
+        header(
+            out,
+            "fanfinity_sink_batch_rows",
+            "histogram",
+            "Rows per ClickHouse insert.",
+        );
+        histogram_raw(
+            out,
+            "fanfinity_sink_batch_rows",
+            "",
+            &rec,
+            &BATCH_ROW_BOUNDS,
+        );
     }
     if let Ok(rec) = sink.insert_us.lock() {
-        header(out, "fanfinity_sink_insert_duration_seconds", "histogram", "Duration of successful ClickHouse inserts.");
+        header(
+            out,
+            "fanfinity_sink_insert_duration_seconds",
+            "histogram",
+            "Duration of successful ClickHouse inserts.",
+        );
         histogram_seconds(out, "fanfinity_sink_insert_duration_seconds", "", &rec);
     }
 }
@@ -134,7 +224,11 @@ fn histogram_seconds(out: &mut String, name: &str, labels: &str, rec: &Recorder)
         let le = *bound as f64 / 1e6;
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {count}");
     }
-    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", rec.count());
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+        rec.count()
+    );
     let braced = braces(labels);
     let _ = writeln!(out, "{name}_sum{braced} {}", rec.sum() as f64 / 1e6);
     let _ = writeln!(out, "{name}_count{braced} {}", rec.count());
@@ -147,7 +241,11 @@ fn histogram_raw(out: &mut String, name: &str, labels: &str, rec: &Recorder, bou
     for (bound, count) in bounds.iter().zip(&counts) {
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
     }
-    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", rec.count());
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+        rec.count()
+    );
     let braced = braces(labels);
     let _ = writeln!(out, "{name}_sum{braced} {}", rec.sum());
     let _ = writeln!(out, "{name}_count{braced} {}", rec.count());
@@ -170,7 +268,10 @@ mod tests {
 
     #[test]
     fn renders_per_shard_histograms_with_labels() {
-        let shards = vec![Arc::new(ShardMetrics::new(0)), Arc::new(ShardMetrics::new(1))];
+        let shards = vec![
+            Arc::new(ShardMetrics::new(0)),
+            Arc::new(ShardMetrics::new(1)),
+        ];
         shards[1].record(Route::Events, 202, Instant::now(), 3);
         let text = render(&Sources {
             shards: &shards,

@@ -61,7 +61,11 @@ impl ShardMetrics {
         let elapsed_us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
         if let Ok(mut stats) = self.stats.lock() {
             *stats.requests.entry((route, status)).or_default() += 1;
-            stats.latency_us.entry(route).or_default().record(elapsed_us);
+            stats
+                .latency_us
+                .entry(route)
+                .or_default()
+                .record(elapsed_us);
             stats.events_accepted += events_accepted;
         }
     }
@@ -104,7 +108,8 @@ impl<'a> RequestTimer<'a> {
 impl Drop for RequestTimer<'_> {
     fn drop(&mut self) {
         let (status, events) = self.outcome.unwrap_or((STATUS_CLIENT_CLOSED, 0));
-        self.metrics.record(self.route, status, self.started, events);
+        self.metrics
+            .record(self.route, status, self.started, events);
     }
 }
 

@@ -208,9 +208,21 @@ mod tests {
     #[test]
     fn timeline_folds_types_into_buckets() {
         let rows = vec![
-            BucketRow { t: 60, event_type: "cheer".into(), events: 2 },
-            BucketRow { t: 60, event_type: "view".into(), events: 1 },
-            BucketRow { t: 120, event_type: "cheer".into(), events: 5 },
+            BucketRow {
+                t: 60,
+                event_type: "cheer".into(),
+                events: 2,
+            },
+            BucketRow {
+                t: 60,
+                event_type: "view".into(),
+                events: 1,
+            },
+            BucketRow {
+                t: 120,
+                event_type: "cheer".into(),
+                events: 5,
+            },
         ];
         let tl = timeline(rows);
         assert_eq!(tl.len(), 2);

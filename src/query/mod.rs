@@ -32,7 +32,9 @@ impl QueryError {
         match self {
             QueryError::BadParam { .. } => (StatusCode::BAD_REQUEST, "invalid_parameter"),
             QueryError::UnknownMatch { .. } => (StatusCode::NOT_FOUND, "unknown_match"),
-            QueryError::ClickHouse { .. } => (StatusCode::SERVICE_UNAVAILABLE, "clickhouse_unavailable"),
+            QueryError::ClickHouse { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "clickhouse_unavailable")
+            }
             QueryError::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "clickhouse_timeout"),
             QueryError::RuntimeGone => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         }

@@ -32,7 +32,10 @@ impl MetricsParams {
     /// so a typo such as `form=` is not silently ignored.
     pub fn parse(match_id: &str, query: Option<&str>) -> Result<Self, QueryError> {
         if !is_valid_match_id(match_id) {
-            return Err(bad("match_id", "must be 1-64 characters of [A-Za-z0-9_.:-]"));
+            return Err(bad(
+                "match_id",
+                "must be 1-64 characters of [A-Za-z0-9_.:-]",
+            ));
         }
         let mut params = MetricsParams {
             match_id: match_id.to_string(),
@@ -42,7 +45,8 @@ impl MetricsParams {
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| bad("query", "bad percent-encoding"))?;
+            let value =
+                percent_decode(value).ok_or_else(|| bad("query", "bad percent-encoding"))?;
             match key {
                 "from" => params.from_secs = Some(parse_time("from", &value)?),
                 "to" => params.to_secs = Some(parse_time("to", &value)?),
@@ -158,13 +162,30 @@ mod tests {
         assert_eq!(p.from_secs, Some(1_671_375_600));
         assert_eq!(p.to_secs, Some(1_671_390_000));
         assert_eq!(p.bucket_secs, 300);
-        assert_eq!(MetricsParams::parse("m", Some("bucket=10s")).expect("ok").bucket_secs, 10);
-        assert_eq!(MetricsParams::parse("m", Some("bucket=60")).expect("ok").bucket_secs, 60);
+        assert_eq!(
+            MetricsParams::parse("m", Some("bucket=10s"))
+                .expect("ok")
+                .bucket_secs,
+            10
+        );
+        assert_eq!(
+            MetricsParams::parse("m", Some("bucket=60"))
+                .expect("ok")
+                .bucket_secs,
+            60
+        );
     }
 
     #[test]
     fn refuses_bad_bucket_window_and_unknown_params() {
-        for q in ["bucket=0s", "bucket=2d", "bucket=abc", "from=yesterday", "form=1", "from=5000&to=1000"] {
+        for q in [
+            "bucket=0s",
+            "bucket=2d",
+            "bucket=abc",
+            "from=yesterday",
+            "form=1",
+            "from=5000&to=1000",
+        ] {
             assert!(MetricsParams::parse("m", Some(q)).is_err(), "{q}");
         }
         assert!(MetricsParams::parse("bad id", None).is_err());

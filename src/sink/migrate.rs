@@ -45,7 +45,12 @@ pub struct MigrationReport {
 pub async fn run(config: &ClickHouseConfig) -> Result<MigrationReport, SinkError> {
     let db = &config.database;
     let server = super::clickhouse::server_client(config);
-    execute(&server, &format!("CREATE DATABASE IF NOT EXISTS {db}"), "create database").await?;
+    execute(
+        &server,
+        &format!("CREATE DATABASE IF NOT EXISTS {db}"),
+        "create database",
+    )
+    .await?;
     execute(
         &server,
         &format!(
@@ -91,7 +96,8 @@ pub async fn run(config: &ClickHouseConfig) -> Result<MigrationReport, SinkError
             migration.version, migration.name
         );
         execute(&server, &record, "record migration").await?;
-        info!(version = migration.version, name = migration.name, database = %db, "migration applied");
+        info!(version = migration.version, name = migration.name, database = %db,
+            "migration applied");
         report.applied.push(migration.version);
     }
     Ok(report)

@@ -43,10 +43,7 @@ impl EventRow {
     /// lies outside what a `DateTime` column holds (1970-2106).
     pub fn from_record(record: EventRecord, position: KafkaPosition) -> Self {
         let received_secs = seconds(record.received_at).unwrap_or(0);
-        let event_time = record
-            .ts
-            .and_then(seconds)
-            .unwrap_or(received_secs);
+        let event_time = record.ts.and_then(seconds).unwrap_or(received_secs);
         Self {
             event_id: record.event_id,
             match_id: record.match_id,
@@ -88,7 +85,10 @@ mod tests {
 
     #[test]
     fn event_time_is_client_time_when_it_fits() {
-        let pos = KafkaPosition { partition: 2, offset: 9 };
+        let pos = KafkaPosition {
+            partition: 2,
+            offset: 9,
+        };
         let row = EventRow::from_record(record(Some(1_671_376_980_999)), pos);
         assert_eq!(row.event_time, 1_671_376_980);
         assert_eq!(row.received_at, 1_700_000_000);
@@ -98,7 +98,10 @@ mod tests {
 
     #[test]
     fn event_time_falls_back_to_server_time() {
-        let pos = KafkaPosition { partition: 0, offset: 0 };
+        let pos = KafkaPosition {
+            partition: 0,
+            offset: 0,
+        };
         let far = EventRow::from_record(record(Some(253_402_300_799_999)), pos);
         assert_eq!(far.event_time, 1_700_000_000);
         let none = EventRow::from_record(record(None), pos);

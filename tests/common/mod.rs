@@ -29,7 +29,9 @@ pub fn clickhouse_url() -> String {
 pub fn tansu_bin() -> PathBuf {
     std::env::var("TEST_TANSU_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/stack/bin/tansu"))
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/stack/bin/tansu")
+        })
 }
 
 /// A loopback port nobody listens on right now.
@@ -141,7 +143,10 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("fanfinity not ready within {limit:?}; log: {}", self.log.display());
+        panic!(
+            "fanfinity not ready within {limit:?}; log: {}",
+            self.log.display()
+        );
     }
 
     /// SIGKILL, no chance to flush or commit.
@@ -170,7 +175,13 @@ impl Server {
     }
 
     pub fn post(&self, content_type: &str, body: &[u8]) -> Response {
-        request(&self.addr(), "POST", "/v1/events", &[("Content-Type", content_type)], body)
+        request(
+            &self.addr(),
+            "POST",
+            "/v1/events",
+            &[("Content-Type", content_type)],
+            body,
+        )
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -202,7 +213,10 @@ impl Response {
 
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|err| {
-            panic!("body is not JSON ({err}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({err}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
@@ -211,7 +225,13 @@ impl Response {
     }
 }
 
-pub fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     try_request(addr, method, path, headers, body)
         .unwrap_or_else(|err| panic!("{method} {path} on {addr} failed: {err}"))
 }
@@ -259,8 +279,16 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
         k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
     });
     let rest = &raw[split + 4..];
-    let body = if chunked { dechunk(rest).ok_or_else(|| bad("chunked body"))? } else { rest.to_vec() };
-    Ok(Response { status, headers, body })
+    let body = if chunked {
+        dechunk(rest).ok_or_else(|| bad("chunked body"))?
+    } else {
+        rest.to_vec()
+    };
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Decodes a chunked body (ClickHouse streams its answers this way).
@@ -284,7 +312,12 @@ pub fn clickhouse(sql: &str) -> String {
     let url = clickhouse_url();
     let addr = url.trim_start_matches("http://").trim_end_matches('/');
     let resp = request(addr, "POST", "/", &[], sql.as_bytes());
-    assert_eq!(resp.status, 200, "clickhouse refused {sql}: {}", resp.text());
+    assert_eq!(
+        resp.status,
+        200,
+        "clickhouse refused {sql}: {}",
+        resp.text()
+    );
     resp.text()
 }
 
@@ -312,7 +345,11 @@ pub fn stored_ids(database: &str, match_id: &str) -> Vec<String> {
     );
     let resp = request(addr, "POST", "/", &[], sql.as_bytes());
     if resp.status != 200 {
-        assert!(resp.text().contains("doesn't exist"), "clickhouse refused {sql}: {}", resp.text());
+        assert!(
+            resp.text().contains("doesn't exist"),
+            "clickhouse refused {sql}: {}",
+            resp.text()
+        );
         return Vec::new();
     }
     let text = resp.text();
@@ -334,7 +371,9 @@ pub fn event(id: &str, match_id: &str, user: &str, kind: &str) -> serde_json::Va
 /// Drops the test's database.
 pub fn drop_database(names: &Names) {
     let _ = try_request(
-        clickhouse_url().trim_start_matches("http://").trim_end_matches('/'),
+        clickhouse_url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/'),
         "POST",
         "/",
         &[],

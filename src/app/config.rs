@@ -186,7 +186,7 @@ pub struct SinkConfig {
 impl Default for SinkConfig {
     fn default() -> Self {
         Self {
-            max_batch_rows: 20_000,
+            max_batch_rows: 50_000,
             flush_interval_ms: 500,
             retry_min_ms: 200,
             retry_max_ms: 10_000,

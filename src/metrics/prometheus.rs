@@ -218,10 +218,27 @@ fn counter(out: &mut String, name: &str, help: &str, value: u64) {
 
 /// A histogram recorded in microseconds, exported in seconds.
 fn histogram_seconds(out: &mut String, name: &str, labels: &str, rec: &Recorder) {
-    let counts = rec.cumulative(&LATENCY_BOUNDS_US);
+    histogram(out, name, labels, rec, &LATENCY_BOUNDS_US, 1e6);
+}
+
+/// A histogram exported in the unit it was recorded in.
+fn histogram_raw(out: &mut String, name: &str, labels: &str, rec: &Recorder, bounds: &[u64]) {
+    histogram(out, name, labels, rec, bounds, 1.0);
+}
+
+/// Writes `_bucket`, `_sum` and `_count` lines, dividing recorded values by `scale`.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    rec: &Recorder,
+    bounds: &[u64],
+    scale: f64,
+) {
+    let counts = rec.cumulative(bounds);
     let sep = if labels.is_empty() { "" } else { "," };
-    for (bound, count) in LATENCY_BOUNDS_US.iter().zip(&counts) {
-        let le = *bound as f64 / 1e6;
+    for (bound, count) in bounds.iter().zip(&counts) {
+        let le = *bound as f64 / scale;
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {count}");
     }
     let _ = writeln!(
@@ -230,24 +247,7 @@ fn histogram_seconds(out: &mut String, name: &str, labels: &str, rec: &Recorder)
         rec.count()
     );
     let braced = braces(labels);
-    let _ = writeln!(out, "{name}_sum{braced} {}", rec.sum() as f64 / 1e6);
-    let _ = writeln!(out, "{name}_count{braced} {}", rec.count());
-}
-
-/// A histogram exported in the unit it was recorded in.
-fn histogram_raw(out: &mut String, name: &str, labels: &str, rec: &Recorder, bounds: &[u64]) {
-    let counts = rec.cumulative(bounds);
-    let sep = if labels.is_empty() { "" } else { "," };
-    for (bound, count) in bounds.iter().zip(&counts) {
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
-    }
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-        rec.count()
-    );
-    let braced = braces(labels);
-    let _ = writeln!(out, "{name}_sum{braced} {}", rec.sum());
+    let _ = writeln!(out, "{name}_sum{braced} {}", rec.sum() as f64 / scale);
     let _ = writeln!(out, "{name}_count{braced} {}", rec.count());
 }
 

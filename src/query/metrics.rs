@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use clickhouse::query::Query;
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
@@ -92,15 +93,12 @@ async fn fetch(
         detail: err.to_string(),
     };
 
-    let totals: TotalsRow = client
-        .query(&format!(
-            "SELECT uniqExact(event_id) AS events, uniqExact(user_id) AS fans, \
-             toUInt32(min(event_time)) AS first, toUInt32(max(event_time)) AS last, \
-             max(received_at_ms) AS newest_ms FROM events WHERE {WHERE}"
-        ))
-        .bind(&params.match_id)
-        .bind(from)
-        .bind(to)
+    let totals_sql = format!(
+        "SELECT uniqExact(event_id) AS events, uniqExact(user_id) AS fans, \
+         toUInt32(min(event_time)) AS first, toUInt32(max(event_time)) AS last, \
+         max(received_at_ms) AS newest_ms FROM events WHERE {WHERE}"
+    );
+    let totals: TotalsRow = in_window(client.query(&totals_sql), params, from, to)
         .fetch_one()
         .await
         .map_err(failed)?;
@@ -125,29 +123,25 @@ async fn fetch(
         )?;
     }
 
-    let types: Vec<TypeRow> = client
-        .query(&format!(
-            "SELECT toString(event_type) AS event_type, uniqExact(event_id) AS events \
-             FROM events WHERE {WHERE} GROUP BY event_type"
-        ))
-        .bind(&params.match_id)
-        .bind(from)
-        .bind(to)
+    let types_sql = format!(
+        "SELECT toString(event_type) AS event_type, uniqExact(event_id) AS events \
+         FROM events WHERE {WHERE} GROUP BY event_type"
+    );
+    let types: Vec<TypeRow> = in_window(client.query(&types_sql), params, from, to)
         .fetch_all()
         .await
         .map_err(failed)?;
 
-    let buckets: Vec<BucketRow> = client
-        .query(&format!(
-            "SELECT toUInt32(intDiv(toUInt32(event_time), ?) * ?) AS t, \
-             toString(event_type) AS event_type, uniqExact(event_id) AS events \
-             FROM events WHERE {WHERE} GROUP BY t, event_type ORDER BY t"
-        ))
+    let buckets_sql = format!(
+        "SELECT toUInt32(intDiv(toUInt32(event_time), ?) * ?) AS t, \
+         toString(event_type) AS event_type, uniqExact(event_id) AS events \
+         FROM events WHERE {WHERE} GROUP BY t, event_type ORDER BY t"
+    );
+    let bucketed = client
+        .query(&buckets_sql)
         .bind(params.bucket_secs)
-        .bind(params.bucket_secs)
-        .bind(&params.match_id)
-        .bind(from)
-        .bind(to)
+        .bind(params.bucket_secs);
+    let buckets: Vec<BucketRow> = in_window(bucketed, params, from, to)
         .fetch_all()
         .await
         .map_err(failed)?;
@@ -169,6 +163,11 @@ async fn fetch(
         timeline: timeline(buckets),
         newest_received_at_ms: (totals.events > 0).then_some(totals.newest_ms),
     })
+}
+
+/// Binds the three values of [`WHERE`]: match id and the event-time window.
+fn in_window(query: Query, params: &MetricsParams, from: u32, to: u32) -> Query {
+    query.bind(params.match_id.as_str()).bind(from).bind(to)
 }
 
 fn zero_by_type() -> BTreeMap<&'static str, u64> {

@@ -231,6 +231,7 @@ fn prometheus(shared: &Arc<IngestShared>) -> HttpResponse {
             kafka_up: producer.health().is_up(),
             queue_depth: producer.queue_depth(),
             queue_limit: producer.ready_limit(),
+            resets: producer.health().resets.load(Ordering::Relaxed),
         }),
         sink: shared.sink.as_deref(),
     });

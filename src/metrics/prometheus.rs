@@ -27,6 +27,8 @@ pub struct ProducerView {
     pub kafka_up: bool,
     pub queue_depth: usize,
     pub queue_limit: usize,
+    /// Times the watchdog replaced a stuck producer.
+    pub resets: u64,
 }
 
 /// Everything a scrape reads. Parts absent in a subcommand (`ingest` has no sink,
@@ -60,6 +62,12 @@ pub fn render(sources: &Sources<'_>) -> String {
             "fanfinity_producer_queue_limit_messages",
             "Queue depth at which requests get 503.",
             producer.queue_limit as u64,
+        );
+        counter(
+            &mut out,
+            "fanfinity_producer_resets_total",
+            "Times a stuck producer (fatal error, or failing with a broker up) was replaced.",
+            producer.resets,
         );
     }
     if let Some(sink) = sources.sink {

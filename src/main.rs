@@ -149,13 +149,20 @@ fn run(command: Command, config: Config) -> Result<()> {
                 TopicsAction::Create => admin.ensure()?,
                 TopicsAction::Describe => admin.describe()?,
             };
-            for state in states {
+            let mut mismatched = 0;
+            for state in &states {
                 let partitions = state
                     .partitions
                     .map_or_else(|| "missing".to_string(), |n| n.to_string());
                 println!(
                     "{:<32} partitions={:<8} expected={}",
                     state.name, partitions, state.expected_partitions
+                );
+                mismatched += usize::from(state.partitions != Some(state.expected_partitions));
+            }
+            if mismatched > 0 {
+                anyhow::bail!(
+                    "{mismatched} topic(s) missing or with an unexpected partition count"
                 );
             }
             Ok(())

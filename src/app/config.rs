@@ -105,6 +105,9 @@ pub struct KafkaConfig {
     pub queue_max_kbytes: u32,
     /// At shutdown, how long to wait for queued records to be delivered.
     pub flush_timeout_ms: u64,
+    /// Topic creation and metadata requests. Short, so a node whose broker is down still
+    /// starts listening (and answers 503) quickly.
+    pub admin_timeout_ms: u64,
     /// Fraction of `queue_max_messages` above which new requests get 503 and `/readyz`
     /// fails, so a load balancer drains the node before the queue overflows.
     pub queue_ready_fraction: f64,
@@ -128,6 +131,7 @@ impl Default for KafkaConfig {
             queue_max_messages: 500_000,
             queue_max_kbytes: 512 * 1024,
             flush_timeout_ms: 10_000,
+            admin_timeout_ms: 5_000,
             queue_ready_fraction: 0.8,
         }
     }
@@ -404,6 +408,53 @@ impl Config {
         if self.consumer.group_id.trim().is_empty() {
             return invalid("consumer.group_id", "must not be blank");
         }
+        if !["earliest", "latest", "error"].contains(&self.consumer.auto_offset_reset.as_str()) {
+            return invalid(
+                "consumer.auto_offset_reset",
+                "must be earliest, latest or error",
+            );
+        }
+        if self.consumer.threads == 0 {
+            return invalid("consumer.threads", "must be at least 1");
+        }
+        let cores = online_cores();
+        if let Some(core) = self.consumer.cores.iter().find(|c| **c >= cores) {
+            return invalid(
+                "consumer.cores",
+                &format!(
+                    "names core {core}, but this machine has {cores} (0-{})",
+                    cores - 1
+                ),
+            );
+        }
+        if self.http.shards > cores {
+            return invalid(
+                "http.shards",
+                &format!(
+                    "is {}, more than the {cores} online cores (one shard per core)",
+                    self.http.shards
+                ),
+            );
+        }
+        if self.http.io_memory_bytes < 64 * 1024 {
+            return invalid("http.io_memory_bytes", "must be at least 65536");
+        }
+        if self.http.retry_after_secs == 0 {
+            return invalid("http.retry_after_secs", "must be at least 1");
+        }
+        if self.clickhouse.request_timeout_ms == 0 {
+            return invalid("clickhouse.request_timeout_ms", "must be > 0");
+        }
+        let url = &self.clickhouse.url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return invalid("clickhouse.url", "must be an http:// or https:// URL");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid(
+                "log.level",
+                "is not a valid tracing filter (e.g. info, fanfinity=debug)",
+            );
+        }
         if self.clickhouse.database.is_empty()
             || !self
                 .clickhouse
@@ -429,6 +480,7 @@ impl Config {
         if !shown.clickhouse.password.is_empty() {
             shown.clickhouse.password = "<redacted>".into();
         }
+        shown.clickhouse.url = redact_userinfo(&shown.clickhouse.url);
         toml::to_string(&shown).unwrap_or_else(|err| format!("<unprintable: {err}>"))
     }
 
@@ -437,7 +489,7 @@ impl Config {
         if self.http.shards > 0 {
             self.http.shards
         } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            online_cores()
         }
     }
 }
@@ -451,6 +503,29 @@ fn parse_scalar(raw: &str) -> toml::Value {
             .remove("v")
             .unwrap_or_else(|| toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Online cores, as the shards and consumers will see them.
+fn online_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Hides a password written into a URL (`http://user:secret@host` -> `http://user:<redacted>@host`).
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!(
+                "{scheme}://{user}:<redacted>@{host}{}",
+                &rest[authority_end..]
+            )
+        }
+        None => url.to_string(),
     }
 }
 
@@ -489,13 +564,13 @@ mod tests {
         let config = Config::load(
             None,
             &overrides(&[
-                "http.shards=3",
+                "http.shards=1",
                 "kafka.brokers=10.0.0.1:9092",
                 "clickhouse.validation=true",
             ]),
         )
         .expect("overrides apply");
-        assert_eq!(config.http.shards, 3);
+        assert_eq!(config.http.shards, 1);
         assert_eq!(config.kafka.brokers, "10.0.0.1:9092");
         assert!(config.clickhouse.validation);
     }
@@ -510,6 +585,35 @@ mod tests {
     fn refuses_zero_batch_rows() {
         let err = Config::load(None, &overrides(&["sink.max_batch_rows=0"])).unwrap_err();
         assert!(err.to_string().contains("sink.max_batch_rows"), "{err}");
+    }
+
+    #[test]
+    fn refuses_settings_that_would_break_the_service() {
+        for bad in [
+            "consumer.auto_offset_reset=middle",
+            "consumer.threads=0",
+            "consumer.cores=[0,9999]",
+            "clickhouse.url=ftp://x",
+            "log.level=fanfinity=bogus[",
+            "http.shards=100000",
+            "http.io_memory_bytes=1",
+            "http.retry_after_secs=0",
+            "clickhouse.request_timeout_ms=0",
+        ] {
+            assert!(
+                Config::load(None, &overrides(&[bad])).is_err(),
+                "{bad} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn redacts_passwords_inside_urls() {
+        assert_eq!(
+            redact_userinfo("http://u:pw@h:1/x"),
+            "http://u:<redacted>@h:1/x"
+        );
+        assert_eq!(redact_userinfo("http://h:1"), "http://h:1");
     }
 
     #[test]

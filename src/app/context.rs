@@ -102,14 +102,18 @@ impl AppContext {
         let sink_status = Arc::new(SinkStatus::default());
 
         let topics = TopicAdmin::new(&config.kafka)?;
-        match topics.ensure() {
-            Ok(states) => info!(topics = states.len(), "kafka topics ready"),
+        let broker_answered = match topics.ensure() {
+            Ok(states) => {
+                info!(topics = states.len(), "kafka topics ready");
+                true
+            }
             Err(err) if roles.ingest => {
                 // Ingest still starts: /readyz stays 503 until a broker answers.
                 warn!(error = %err, "cannot ensure kafka topics; continuing, readiness will tell");
+                false
             }
             Err(err) => return Err(err.into()),
-        }
+        };
 
         let producer = if roles.ingest {
             let producer = Arc::new(EventProducer::new(&config.kafka)?);
@@ -119,10 +123,12 @@ impl AppContext {
                     name: "producer-watchdog",
                     source,
                 })?;
-            match producer.probe(Duration::from_secs(5)) {
-                Ok(()) => info!(brokers = %config.kafka.brokers, "kafka reachable"),
-                Err(err) => warn!(brokers = %config.kafka.brokers, error = %err,
-                    "kafka not reachable yet; answering 503 until it is"),
+            if broker_answered {
+                match producer.probe(Duration::from_millis(config.kafka.admin_timeout_ms)) {
+                    Ok(()) => info!(brokers = %config.kafka.brokers, "kafka reachable"),
+                    Err(err) => warn!(brokers = %config.kafka.brokers, error = %err,
+                        "kafka not reachable yet; answering 503 until it is"),
+                }
             }
             Some(producer)
         } else {

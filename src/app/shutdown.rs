@@ -14,11 +14,18 @@
 //!    inserted stays uncommitted and is consumed again on the next start.
 //! 4. The query runtime stops.
 //!
-//! A second signal during shutdown exits at once with status 130.
+//! A second signal during shutdown exits at once with status 130. Signals arriving within
+//! two seconds of the first count as the same request, because supervisors such as
+//! `timeout` signal the process and then its whole group.
+
+use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{info, warn};
+
+/// Signals this soon after the first are taken as repeats of it.
+const SAME_REQUEST: Duration = Duration::from_secs(2);
 
 /// Blocks until SIGTERM or SIGINT, then arms the "second signal exits now" handler.
 ///
@@ -27,11 +34,15 @@ use tracing::{info, warn};
 pub fn wait_for_signal() -> std::io::Result<i32> {
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let first = signals.forever().next().unwrap_or(SIGTERM);
+    let requested = Instant::now();
     info!(signal = first, "shutdown requested");
     std::thread::Builder::new()
         .name("second-signal".into())
         .spawn(move || {
-            if let Some(second) = signals.forever().next() {
+            for second in signals.forever() {
+                if requested.elapsed() < SAME_REQUEST {
+                    continue;
+                }
                 warn!(
                     signal = second,
                     "second signal, exiting without finishing shutdown"

@@ -15,7 +15,8 @@ use crate::event::EventRecord;
 pub enum BodyFormat {
     /// `application/json`: one object or an array of objects.
     Json,
-    /// `application/x-ndjson`: one object per line; blank lines are skipped.
+    /// `application/x-ndjson` (or `application/ndjson`): one object per line; blank lines
+    /// are skipped.
     Ndjson,
 }
 
@@ -29,7 +30,9 @@ impl BodyFormat {
         let media = raw.split(';').next().unwrap_or("").trim();
         if media.eq_ignore_ascii_case("application/json") {
             Ok(BodyFormat::Json)
-        } else if media.eq_ignore_ascii_case("application/x-ndjson") {
+        } else if media.eq_ignore_ascii_case("application/x-ndjson")
+            || media.eq_ignore_ascii_case("application/ndjson")
+        {
             Ok(BodyFormat::Ndjson)
         } else {
             Err(IngestError::UnsupportedMediaType {

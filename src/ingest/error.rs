@@ -17,7 +17,12 @@ pub enum IngestError {
     #[error("no route for {method} {path}")]
     NotFound { method: String, path: String },
     #[error("method {method} is not allowed on {path}")]
-    MethodNotAllowed { method: String, path: String },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        /// The `Allow` header value.
+        allow: &'static str,
+    },
     #[error(
         "content type {content_type:?} is not supported; \
          use application/json or application/x-ndjson"

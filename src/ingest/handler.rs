@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -49,15 +49,16 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let not_allowed = || {
+    let not_allowed = |allow| {
         Err(IngestError::MethodNotAllowed {
             method: method.to_string(),
             path: path.clone(),
+            allow,
         })
     };
     match (segments.as_slice(), &method) {
         (["v1", "events"], &Method::POST) => (Route::Events, post_events(ctx, req).await),
-        (["v1", "events"], _) => (Route::Events, not_allowed()),
+        (["v1", "events"], _) => (Route::Events, not_allowed("POST")),
         (["v1", "matches", match_id, "metrics"], &Method::GET) => {
             let params = MetricsParams::parse(match_id, req.uri().query());
             (Route::Query, match_metrics(ctx, params).await)
@@ -69,7 +70,7 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
         (["readyz"], &Method::GET) => (Route::Health, Ok((readiness(&ctx.shared), 0))),
         (["metrics"], &Method::GET) => (Route::Metrics, Ok((prometheus(&ctx.shared), 0))),
         (["v1", "matches", _, "metrics"] | ["healthz"] | ["readyz"] | ["metrics"], _) => {
-            (Route::Other, not_allowed())
+            (Route::Other, not_allowed("GET"))
         }
         _ => (
             Route::Other,
@@ -252,6 +253,9 @@ fn error_response(err: &IngestError, shared: &Arc<IngestShared>) -> HttpResponse
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let IngestError::MethodNotAllowed { allow, .. } = err {
+        headers.insert(ALLOW, HeaderValue::from_static(allow));
+    }
     if err.is_retryable() {
         headers.insert(
             RETRY_AFTER,

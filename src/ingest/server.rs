@@ -77,6 +77,7 @@ pub fn shard_metrics(count: usize) -> Vec<Arc<ShardMetrics>> {
 /// listener that cannot bind.
 pub fn start_shards(shared: Arc<IngestShared>) -> Result<Shards, ServerError> {
     let http = shared.config.http.clone();
+    refuse_taken_address(http.listen)?;
     let cpus = core_affinity::get_core_ids().map_or(1, |c| c.len()).max(1);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, ServerError>>();
     let mut handles = Vec::new();
@@ -110,6 +111,20 @@ pub fn start_shards(shared: Arc<IngestShared>) -> Result<Shards, ServerError> {
     }
     info!(shards = handles.len(), listen = %http.listen, "ingest listening");
     Ok(Shards { handles })
+}
+
+/// Fails if another process already listens on `addr`. The shards bind with
+/// SO_REUSEPORT, which would otherwise let a second fanfinity (or a stale one) silently
+/// share the port and take part of the traffic. A plain bind, without SO_REUSEPORT, is
+/// refused by the kernel whenever anything holds the address.
+fn refuse_taken_address(addr: std::net::SocketAddr) -> Result<(), ServerError> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| ServerError::Bind {
+            shard: 0,
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 async fn run_shard(

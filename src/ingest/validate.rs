@@ -187,7 +187,8 @@ fn parse_ts(value: &Value) -> Result<i64, &'static str> {
         return match value.as_i64() {
             Some(ms) if (0..=MAX_TS_MS).contains(&ms) => Ok(ms),
             Some(_) => Err("must be between 1970 and 9999"),
-            None => Err("epoch milliseconds must be an integer"),
+            None if value.is_f64() => Err("epoch milliseconds must be an integer"),
+            None => Err("must be between 1970 and 9999"),
         };
     }
     Err("must be an RFC 3339 string or epoch milliseconds")

@@ -191,6 +191,9 @@ impl ClientContext for DeliveryContext {
         let any_up = stats.brokers.values().any(|b| b.state == "UP");
         let was_up = self.health.up.swap(any_up, Ordering::Relaxed);
         if any_up && !was_up {
+            if let Ok(mut slot) = self.health.last_error.lock() {
+                *slot = None;
+            }
             info!(
                 brokers = stats.brokers.len(),
                 "kafka reachable, accepting events"

@@ -65,7 +65,7 @@ impl TopicAdmin {
         Ok(Self {
             admin,
             config: config.clone(),
-            timeout: Duration::from_secs(10),
+            timeout: Duration::from_millis(config.admin_timeout_ms),
         })
     }
 

@@ -23,6 +23,12 @@ pub struct MatchMetrics {
     /// Every type, zero included, so clients need no defaults.
     pub by_type: BTreeMap<&'static str, u64>,
     pub timeline: Vec<TimelineBucket>,
+    /// Start of the timeline, epoch ms. Equals the window start unless the request named
+    /// no `from` and the whole match needs more than `query.max_buckets` buckets: then the
+    /// timeline holds the newest buckets only and `timeline_truncated` is true (totals and
+    /// `by_type` still cover the whole window).
+    pub timeline_from_ms: Option<i64>,
+    pub timeline_truncated: bool,
     /// Freshness: the newest `received_at` included in these numbers.
     pub newest_received_at_ms: Option<i64>,
 }
@@ -76,6 +82,10 @@ pub async fn fetch_match_metrics(
     max_buckets: u64,
     timeout: Duration,
 ) -> Result<MatchMetrics, QueryError> {
+    if let (Some(from), Some(to)) = (params.from_secs, params.to_secs) {
+        // Refuse an explicit window before ClickHouse does any work for it.
+        params.check_bucket_count(from, to.saturating_sub(1), max_buckets)?;
+    }
     let timeout_ms = timeout.as_millis() as u64;
     tokio::time::timeout(timeout, fetch(client, params, max_buckets))
         .await
@@ -115,13 +125,9 @@ async fn fetch(
                 match_id: params.match_id.clone(),
             });
         }
-    } else {
-        params.check_bucket_count(
-            params.from_secs.unwrap_or(totals.first),
-            params.to_secs.map_or(totals.last, |t| t.saturating_sub(1)),
-            max_buckets,
-        )?;
     }
+    let (timeline_from, timeline_truncated) =
+        timeline_start(params, totals.first, totals.last, max_buckets)?;
 
     let types_sql = format!(
         "SELECT toString(event_type) AS event_type, uniqExact(event_id) AS events \
@@ -141,7 +147,7 @@ async fn fetch(
         .query(&buckets_sql)
         .bind(params.bucket_secs)
         .bind(params.bucket_secs);
-    let buckets: Vec<BucketRow> = in_window(bucketed, params, from, to)
+    let buckets: Vec<BucketRow> = in_window(bucketed, params, timeline_from.max(from), to)
         .fetch_all()
         .await
         .map_err(failed)?;
@@ -161,8 +167,38 @@ async fn fetch(
         unique_fans: totals.fans,
         by_type,
         timeline: timeline(buckets),
+        timeline_from_ms: (totals.events > 0).then_some(i64::from(timeline_from) * 1000),
+        timeline_truncated,
         newest_received_at_ms: (totals.events > 0).then_some(totals.newest_ms),
     })
+}
+
+/// Where the timeline starts: the window's start, or, when the request named no `from`
+/// and the events span more than `max_buckets` buckets, the newest `max_buckets` buckets
+/// (one stray client clock must not make the default view unanswerable).
+///
+/// # Errors
+/// An explicit `from` whose window needs too many buckets.
+fn timeline_start(
+    params: &MetricsParams,
+    first: u32,
+    last: u32,
+    max_buckets: u64,
+) -> Result<(u32, bool), QueryError> {
+    let end = params.to_secs.map_or(last, |t| t.saturating_sub(1));
+    match params.from_secs {
+        Some(from) => {
+            params.check_bucket_count(from, end, max_buckets)?;
+            Ok((from, false))
+        }
+        None if params.check_bucket_count(first, end, max_buckets).is_ok() => Ok((first, false)),
+        None => {
+            let bucket = u64::from(params.bucket_secs);
+            let newest_bucket = u64::from(end) / bucket * bucket;
+            let start = newest_bucket.saturating_sub((max_buckets - 1) * bucket);
+            Ok((u32::try_from(start).unwrap_or(first), true))
+        }
+    }
 }
 
 /// Binds the three values of [`WHERE`]: match id and the event-time window.
@@ -203,6 +239,20 @@ fn timeline(rows: Vec<BucketRow>) -> Vec<TimelineBucket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_timeline_keeps_the_newest_buckets_when_the_span_is_too_long() {
+        let params = MetricsParams::parse("m", Some("bucket=60s")).expect("valid");
+        // One event in 1970, the rest now: the newest 10 buckets are kept.
+        let (start, truncated) = timeline_start(&params, 0, 1_700_000_059, 10).expect("ok");
+        assert!(truncated);
+        assert_eq!(start, 1_700_000_040 - 9 * 60);
+        let (start, truncated) =
+            timeline_start(&params, 1_700_000_000, 1_700_000_059, 10).expect("ok");
+        assert_eq!((start, truncated), (1_700_000_000, false));
+        let explicit = MetricsParams::parse("m", Some("from=0&bucket=60s")).expect("valid");
+        assert!(timeline_start(&explicit, 0, 1_700_000_059, 10).is_err());
+    }
 
     #[test]
     fn timeline_folds_types_into_buckets() {

@@ -36,7 +36,16 @@ impl QueryRuntime {
             .build()?;
         Ok(Arc::new(Self {
             runtime,
-            client: crate::sink::clickhouse::client(&config.clickhouse),
+            // ClickHouse stops the query itself at the deadline, so an abandoned request
+            // does not keep scanning after the client got its 503.
+            client: crate::sink::clickhouse::client(&config.clickhouse).with_setting(
+                "max_execution_time",
+                config
+                    .clickhouse
+                    .request_timeout_ms
+                    .div_ceil(1000)
+                    .to_string(),
+            ),
             max_buckets: config.query.max_buckets,
             timeout: Duration::from_millis(config.clickhouse.request_timeout_ms),
         }))

@@ -40,7 +40,8 @@ pub struct EventRow {
 
 impl EventRow {
     /// Builds the row. `event_time` falls back to the server's time when the client's
-    /// lies outside what a `DateTime` column holds (1970-2106).
+    /// lies outside 1970-2099: a `DateTime` column ends in 2106, and ClickHouse 18.16
+    /// misreads values near that end.
     pub fn from_record(record: EventRecord, position: KafkaPosition) -> Self {
         let received_secs = seconds(record.received_at).unwrap_or(0);
         let event_time = record.ts.and_then(seconds).unwrap_or(received_secs);
@@ -61,8 +62,13 @@ impl EventRow {
     }
 }
 
+/// 2100-01-01T00:00:00Z: the first second `event_time` does not take from a client.
+const EVENT_TIME_END_SECS: u32 = 4_102_444_800;
+
 fn seconds(ms: i64) -> Option<u32> {
-    u32::try_from(ms.div_euclid(1000)).ok()
+    u32::try_from(ms.div_euclid(1000))
+        .ok()
+        .filter(|s| *s < EVENT_TIME_END_SECS)
 }
 
 #[cfg(test)]
@@ -104,6 +110,8 @@ mod tests {
         };
         let far = EventRow::from_record(record(Some(253_402_300_799_999)), pos);
         assert_eq!(far.event_time, 1_700_000_000);
+        let end_of_datetime = EventRow::from_record(record(Some(4_294_967_295_000)), pos);
+        assert_eq!(end_of_datetime.event_time, 1_700_000_000);
         let none = EventRow::from_record(record(None), pos);
         assert_eq!(none.event_time, 1_700_000_000);
     }

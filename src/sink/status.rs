@@ -28,6 +28,7 @@ pub struct SinkReport {
     pub clickhouse: ClickHouseState,
     /// True while a batch is being retried.
     pub retrying: bool,
+    /// The error of the last failed insert, cleared by the next successful one.
     pub last_error: Option<String>,
     pub rows_inserted: u64,
     pub consumer_lag: i64,
@@ -90,6 +91,7 @@ impl SinkStatus {
         if let Ok(mut health) = self.health.lock() {
             health.clickhouse = ClickHouseState::Up;
             health.retrying = false;
+            health.last_error = None;
         }
     }
 

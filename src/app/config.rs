@@ -318,11 +318,23 @@ impl Config {
     /// A file that cannot be read or parsed, an unknown key, a value of the wrong type,
     /// or a value [`Config::validate`] refuses.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_from(file, true, overrides)
+    }
+
+    /// [`Config::load`], optionally without reading the environment (for tests, which must
+    /// not depend on what a developer exported).
+    fn load_from(
+        file: Option<&Path>,
+        read_env: bool,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed("FANFINITY_").split("__"));
+        if read_env {
+            figment = figment.merge(Env::prefixed("FANFINITY_").split("__"));
+        }
         for pair in &overrides.pairs {
             let (key, raw) = pair
                 .split_once('=')
@@ -552,7 +564,7 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_match_the_local_stack() {
-        let config = Config::load(None, &Overrides::default()).expect("defaults load");
+        let config = Config::load_from(None, false, &Overrides::default()).expect("defaults load");
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.kafka.brokers, "127.0.0.1:19092");
         assert_eq!(config.clickhouse.url, "http://127.0.0.1:18123");
@@ -561,8 +573,9 @@ mod tests {
 
     #[test]
     fn set_overrides_nested_keys_with_typed_values() {
-        let config = Config::load(
+        let config = Config::load_from(
             None,
+            false,
             &overrides(&[
                 "http.shards=1",
                 "kafka.brokers=10.0.0.1:9092",
@@ -577,13 +590,14 @@ mod tests {
 
     #[test]
     fn refuses_blank_topic() {
-        let err = Config::load(None, &overrides(&["kafka.topic="])).unwrap_err();
+        let err = Config::load_from(None, false, &overrides(&["kafka.topic="])).unwrap_err();
         assert!(err.to_string().contains("kafka.topic"), "{err}");
     }
 
     #[test]
     fn refuses_zero_batch_rows() {
-        let err = Config::load(None, &overrides(&["sink.max_batch_rows=0"])).unwrap_err();
+        let err =
+            Config::load_from(None, false, &overrides(&["sink.max_batch_rows=0"])).unwrap_err();
         assert!(err.to_string().contains("sink.max_batch_rows"), "{err}");
     }
 
@@ -601,7 +615,7 @@ mod tests {
             "clickhouse.request_timeout_ms=0",
         ] {
             assert!(
-                Config::load(None, &overrides(&[bad])).is_err(),
+                Config::load_from(None, false, &overrides(&[bad])).is_err(),
                 "{bad} was accepted"
             );
         }
@@ -618,13 +632,13 @@ mod tests {
 
     #[test]
     fn refuses_unknown_key() {
-        assert!(Config::load(None, &overrides(&["http.nonsense=1"])).is_err());
+        assert!(Config::load_from(None, false, &overrides(&["http.nonsense=1"])).is_err());
     }
 
     #[test]
     fn refuses_override_without_section() {
         assert!(matches!(
-            Config::load(None, &overrides(&["shards=2"])),
+            Config::load_from(None, false, &overrides(&["shards=2"])),
             Err(ConfigError::BadOverride { .. })
         ));
     }
@@ -643,7 +657,8 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("c.toml");
         std::fs::write(&path, "[sink]\nmax_batch_rows = 7\n").expect("write");
-        let config = Config::load(Some(&path), &Overrides::default()).expect("file loads");
+        let config =
+            Config::load_from(Some(&path), false, &Overrides::default()).expect("file loads");
         assert_eq!(config.sink.max_batch_rows, 7);
     }
 }

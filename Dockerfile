@@ -15,6 +15,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY loadtest ./loadtest
+COPY benches ./benches
 
 # The caches keep the registry and compiled dependencies between builds; the binary is
 # copied out in the same step because the cache mount is gone afterwards.

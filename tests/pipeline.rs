@@ -412,6 +412,7 @@ fn answers_503_while_the_broker_is_down_and_recovers() {
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_fanfinity"))
         .args(&args)
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .expect("run fanfinity topics create");
     assert!(status.success());

@@ -52,6 +52,9 @@ pub struct HttpConfig {
     pub retry_after_secs: u32,
     /// At shutdown, how long shards wait for open requests to finish.
     pub shutdown_grace_ms: u64,
+    /// Accept backlog per shard listener (capped by `net.core.somaxconn`): a goal brings
+    /// reconnect storms.
+    pub listen_backlog: i32,
     /// Locked memory glommio reserves per executor for registered I/O buffers. Ingest
     /// does no file I/O, so this stays small; see `tuning/README.md`.
     pub io_memory_bytes: usize,
@@ -68,6 +71,7 @@ impl Default for HttpConfig {
             ack_timeout_ms: 5_000,
             retry_after_secs: 1,
             shutdown_grace_ms: 10_000,
+            listen_backlog: 4096,
             io_memory_bytes: 512 * 1024,
         }
     }
@@ -447,6 +451,9 @@ impl Config {
                     self.http.shards
                 ),
             );
+        }
+        if self.http.listen_backlog < 1 {
+            return invalid("http.listen_backlog", "must be at least 1");
         }
         if self.http.io_memory_bytes < 64 * 1024 {
             return invalid("http.io_memory_bytes", "must be at least 65536");

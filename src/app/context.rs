@@ -262,7 +262,7 @@ fn start_sink(
                         break;
                     }
                     Err(err) => {
-                        status.insert_failed(&err.to_string());
+                        status.insert_failed(&err.to_string(), false);
                         warn!(error = %err, retry_in_ms = wait.as_millis() as u64,
                             "clickhouse migrations failed; sink waits, kafka keeps the events");
                         std::thread::sleep(wait);

@@ -115,8 +115,9 @@ pub fn start_shards(shared: Arc<IngestShared>) -> Result<Shards, ServerError> {
 
 /// Fails if another process already listens on `addr`. The shards bind with
 /// SO_REUSEPORT, which would otherwise let a second fanfinity (or a stale one) silently
-/// share the port and take part of the traffic. A plain bind, without SO_REUSEPORT, is
-/// refused by the kernel whenever anything holds the address.
+/// share the port and take part of the traffic. A bind without SO_REUSEPORT is refused
+/// by the kernel whenever a socket listens on the address (std's SO_REUSEADDR only lets
+/// it past TIME_WAIT leftovers).
 fn refuse_taken_address(addr: std::net::SocketAddr) -> Result<(), ServerError> {
     std::net::TcpListener::bind(addr)
         .map(drop)
@@ -127,6 +128,27 @@ fn refuse_taken_address(addr: std::net::SocketAddr) -> Result<(), ServerError> {
         })
 }
 
+/// Binds one shard's listener: SO_REUSEPORT so every shard binds the same address and
+/// the kernel spreads connections, SO_REUSEADDR so a restart does not wait for the old
+/// process's TIME_WAIT connections to expire. Must run on the shard's executor.
+fn bind_shard_listener(addr: std::net::SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    let fd = socket.into_raw_fd();
+    // SAFETY: `fd` is a bound, listening TCP socket that nothing else owns; glommio takes
+    // ownership of it here, exactly once.
+    Ok(unsafe { TcpListener::from_raw_fd(fd) })
+}
+
 async fn run_shard(
     shard: usize,
     cpu: usize,
@@ -134,10 +156,9 @@ async fn run_shard(
     ready: mpsc::Sender<Result<usize, ServerError>>,
 ) {
     let addr = shared.config.http.listen;
-    let listener = match TcpListener::bind(addr) {
+    let listener = match bind_shard_listener(addr, shared.config.http.listen_backlog) {
         Ok(listener) => listener,
-        Err(err) => {
-            let source = std::io::Error::other(err.to_string());
+        Err(source) => {
             let _ = ready.send(Err(ServerError::Bind {
                 shard,
                 addr: addr.to_string(),

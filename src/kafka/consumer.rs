@@ -11,11 +11,18 @@
 //! attempts, so it stays in the group (no `max.poll.interval.ms` eviction) and its
 //! memory stays bounded by what was already fetched.
 //!
+//! Records that are not valid events, and rows ClickHouse refuses for their content
+//! (found by splitting the batch until the refused rows stand alone), are written to the
+//! dead-letter topic with the reason; the rest of the batch is inserted. Offsets are
+//! stored only once both the insert and the dead letters are acknowledged. Schema and
+//! permission errors pause the sink without dropping anything (see `sink::classify`).
+//!
 //! # Limitations
-//! NOTE(#3): a record that is not a valid event is logged, counted and skipped; it is not
-//! yet copied to the dead-letter topic. Content errors that make ClickHouse refuse a
-//! whole batch are retried like outages, so one such row would stall its partition.
+//! NOTE(#3): rows refused for their content go straight to the dead-letter topic; the
+//! retry topic and its consumer (re-attempts with backoff before dead-lettering) are not
+//! built yet.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,6 +40,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::app::config::Config;
 use crate::event::EventRecord;
+use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetterWriter};
+use crate::sink::classify::{classify, FailureKind};
 use crate::sink::row::{EventRow, KafkaPosition};
 use crate::sink::status::SinkStatus;
 use crate::sink::writer::BatchWriter;
@@ -56,6 +65,8 @@ pub enum ConsumeError {
     },
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
     #[error("cannot spawn consumer thread {consumer}")]
     Spawn {
         consumer: usize,
@@ -113,10 +124,23 @@ impl ConsumerContext for SinkContext {
     }
 }
 
+/// Where a row came from, kept until its batch is written so a refused row can be
+/// dead-lettered with its original bytes.
+struct RowSource {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    partition: i32,
+    offset: i64,
+}
+
 /// Rows waiting for the next insert, with the next offset to commit per partition.
 #[derive(Default)]
 struct Batch {
     rows: Vec<EventRow>,
+    /// Parallel to `rows`.
+    sources: Vec<RowSource>,
+    /// Records to write to the dead-letter topic before the offsets may move.
+    dead: Vec<DeadLetter>,
     next_offsets: BTreeMap<(String, i32), i64>,
     oldest: Option<Instant>,
 }
@@ -169,10 +193,14 @@ pub fn spawn_consumers(
         let consumer = create_consumer(config, id, Arc::clone(&status))?;
         let writer = BatchWriter::new(&config.clickhouse)?;
         let core = cores.get(id % cores.len().max(1)).copied();
+        let dead_letters = DeadLetterWriter::new(&config.kafka, &format!("sink-{id}-dead"))?;
         let worker = Worker {
             id,
             consumer,
             writer,
+            dead_letters,
+            topic: config.kafka.topic.clone(),
+            last_schema_log: Cell::new(None),
             status: Arc::clone(&status),
             stop: Arc::clone(&stop),
             max_rows: config.sink.max_batch_rows,
@@ -258,6 +286,10 @@ struct Worker {
     id: usize,
     consumer: BaseConsumer<SinkContext>,
     writer: BatchWriter,
+    dead_letters: DeadLetterWriter,
+    /// The events topic, named in dead letters.
+    topic: String,
+    last_schema_log: Cell<Option<Instant>>,
     status: Arc<SinkStatus>,
     stop: Arc<AtomicBool>,
     max_rows: usize,
@@ -310,76 +342,178 @@ impl Worker {
 
     fn add(&self, batch: &mut Batch, msg: &BorrowedMessage<'_>) {
         batch.note_offset(msg);
-        let decoded = msg
-            .payload()
-            .ok_or("empty message")
-            .and_then(|bytes| EventRecord::decode(bytes).map_err(|_| "not a valid event"));
-        match decoded {
+        let payload = msg.payload().unwrap_or_default();
+        let key = msg.key().map(<[u8]>::to_vec);
+        match EventRecord::decode(payload) {
             Ok(record) => {
                 let position = KafkaPosition {
                     partition: msg.partition(),
                     offset: msg.offset(),
                 };
                 batch.rows.push(EventRow::from_record(record, position));
+                batch.sources.push(RowSource {
+                    key,
+                    payload: payload.to_vec(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                });
             }
-            Err(reason) => {
+            Err(err) => {
                 self.status.invalid_records.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("not a valid event: {err}");
                 warn!(
                     consumer = self.id,
                     topic = msg.topic(),
                     partition = msg.partition(),
                     offset = msg.offset(),
                     reason,
-                    "skipping record that is not an event"
+                    "dead-lettering a record that is not an event"
                 );
+                batch.dead.push(DeadLetter {
+                    key,
+                    payload: payload.to_vec(),
+                    reason,
+                    source_topic: msg.topic().to_string(),
+                    source_partition: msg.partition(),
+                    source_offset: msg.offset(),
+                });
             }
         }
     }
 
-    /// Inserts the batch, retrying with capped exponential backoff while partitions are
-    /// paused, then stores its offsets. With a deadline (shutdown) it gives up when the
+    /// Writes the batch (retrying with capped exponential backoff while partitions are
+    /// paused), then stores its offsets. With a deadline (shutdown) it gives up when the
     /// deadline passes and leaves the batch in place.
     fn flush(&self, batch: &mut Batch, deadline: Option<Instant>) {
         let mut backoff = self.retry_min;
         let mut paused: Option<TopicPartitionList> = None;
-        loop {
-            if batch.rows.is_empty() {
-                break;
+        while let Err((kind, error)) = self.write(batch) {
+            self.status
+                .insert_failed(&error, kind == FailureKind::Schema);
+            if kind == FailureKind::Schema && self.schema_log_due() {
+                error!(
+                    consumer = self.id,
+                    batch_rows = batch.rows.len(),
+                    error,
+                    "clickhouse refuses the sink's table or grant; paused until fixed, \
+                     nothing is dropped"
+                );
+            } else {
+                warn!(consumer = self.id, batch_rows = batch.rows.len(),
+                    retry_in_ms = backoff.as_millis() as u64, kind = ?kind, error,
+                    "batch write failed, retrying");
             }
-            match self.writer.insert(&batch.rows) {
-                Ok(elapsed) => {
-                    let rows = batch.rows.len();
-                    self.status
-                        .insert_succeeded(rows, elapsed.as_micros() as u64);
-                    debug!(
-                        consumer = self.id,
-                        batch_rows = rows,
-                        elapsed_ms = elapsed.as_millis() as u64,
-                        "batch inserted"
-                    );
-                    break;
-                }
-                Err(err) => {
-                    self.status
-                        .insert_failed(&format!("{err}: {}", source_chain(&err)));
-                    warn!(consumer = self.id, batch_rows = batch.rows.len(),
-                        retry_in_ms = backoff.as_millis() as u64, error = %err,
-                        cause = %source_chain(&err), "insert failed, retrying");
-                    if deadline.is_some_and(|d| Instant::now() + backoff > d) {
-                        self.resume(paused.take());
-                        return;
-                    }
-                    if paused.is_none() {
-                        paused = self.pause();
-                    }
-                    self.wait_polling(batch, backoff);
-                    backoff = next_backoff(backoff, self.retry_max);
-                }
+            if deadline.is_some_and(|d| Instant::now() + backoff > d) {
+                self.resume(paused.take());
+                return;
             }
+            if paused.is_none() {
+                paused = self.pause();
+            }
+            self.wait_polling(batch, backoff);
+            backoff = next_backoff(backoff, self.retry_max);
         }
         self.resume(paused.take());
         self.store_offsets(batch);
         *batch = Batch::default();
+    }
+
+    /// One attempt at writing the batch: rows first (rows refused for their content are
+    /// moved to the dead letters), then the dead letters. Parts already written are
+    /// cleared from the batch, so a retry only redoes what is left.
+    fn write(&self, batch: &mut Batch) -> Result<(), (FailureKind, String)> {
+        if !batch.rows.is_empty() {
+            let mut refused = Vec::new();
+            self.insert_splitting(&batch.rows, 0, &mut refused)
+                .map_err(|err| (classify(&err), format!("{err}: {}", source_chain(&err))))?;
+            for (index, reason) in refused.into_iter().rev() {
+                batch.rows.remove(index);
+                let source = batch.sources.remove(index);
+                warn!(
+                    consumer = self.id,
+                    partition = source.partition,
+                    offset = source.offset,
+                    reason,
+                    "clickhouse refused a row, dead-lettering it"
+                );
+                batch.dead.push(DeadLetter {
+                    key: source.key,
+                    payload: source.payload,
+                    reason: format!("clickhouse refused the row: {reason}"),
+                    source_topic: self.topic.clone(),
+                    source_partition: source.partition,
+                    source_offset: source.offset,
+                });
+            }
+            batch.rows.clear();
+            batch.sources.clear();
+        }
+        if !batch.dead.is_empty() {
+            self.dead_letters
+                .send_all(&batch.dead)
+                .map_err(|err| (FailureKind::Transient, err.to_string()))?;
+            self.status
+                .dead_letters
+                .fetch_add(batch.dead.len() as u64, Ordering::Relaxed);
+            info!(
+                consumer = self.id,
+                dead_letters = batch.dead.len(),
+                topic = self.dead_letters.topic(),
+                "dead letters written"
+            );
+            batch.dead.clear();
+        }
+        Ok(())
+    }
+
+    /// Inserts `rows`; when ClickHouse refuses them for their content, splits them in
+    /// halves until the refused rows stand alone and records their indexes (offset by
+    /// `base`) with the reason. One bad row costs about 2 log2(n) extra inserts.
+    ///
+    /// # Errors
+    /// Any failure that is not about content: the caller retries the whole batch, and
+    /// the halves already inserted are inserted again, which the dedup absorbs.
+    fn insert_splitting(
+        &self,
+        rows: &[EventRow],
+        base: usize,
+        refused: &mut Vec<(usize, String)>,
+    ) -> Result<(), SinkError> {
+        match self.writer.insert(rows) {
+            Ok(elapsed) => {
+                self.status
+                    .insert_succeeded(rows.len(), elapsed.as_micros() as u64);
+                debug!(
+                    consumer = self.id,
+                    batch_rows = rows.len(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "batch inserted"
+                );
+                Ok(())
+            }
+            Err(err) if classify(&err) == FailureKind::Content => {
+                if rows.len() == 1 {
+                    refused.push((base, source_chain(&err)));
+                    return Ok(());
+                }
+                let mid = rows.len() / 2;
+                self.insert_splitting(&rows[..mid], base, refused)?;
+                self.insert_splitting(&rows[mid..], base + mid, refused)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Whether a schema error should be logged at error level now (once a minute).
+    fn schema_log_due(&self) -> bool {
+        let due = self
+            .last_schema_log
+            .get()
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            self.last_schema_log.set(Some(Instant::now()));
+        }
+        due
     }
 
     /// Sleeps for `wait` while still polling, so the group keeps this member. Records

@@ -3,5 +3,6 @@
 //! `.retry` and `.dead` (see docs/architecture/SYSTEM_DESIGN.md).
 
 pub mod consumer;
+pub mod dead_letter;
 pub mod producer;
 pub mod topics;

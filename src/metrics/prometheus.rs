@@ -167,6 +167,18 @@ fn render_sink(out: &mut String, sink: &SinkStatus) {
         "Records on the topic that were not valid events.",
         sink.invalid_records.load(Ordering::Relaxed),
     );
+    counter(
+        out,
+        "fanfinity_sink_dead_letters_total",
+        "Records written to the dead-letter topic (invalid, or refused by ClickHouse).",
+        sink.dead_letters.load(Ordering::Relaxed),
+    );
+    gauge(
+        out,
+        "fanfinity_sink_schema_error",
+        "1 while ClickHouse refuses the sink's table or grant (sink paused).",
+        u64::from(report.schema_error),
+    );
 
     header(
         out,

@@ -28,6 +28,8 @@ pub struct SinkReport {
     pub clickhouse: ClickHouseState,
     /// True while a batch is being retried.
     pub retrying: bool,
+    /// True while ClickHouse refuses the table or the grant (no row is at fault).
+    pub schema_error: bool,
     /// The error of the last failed insert, cleared by the next successful one.
     pub last_error: Option<String>,
     pub rows_inserted: u64,
@@ -38,6 +40,7 @@ pub struct SinkReport {
 struct Health {
     clickhouse: ClickHouseState,
     retrying: bool,
+    schema_error: bool,
     last_error: Option<String>,
 }
 
@@ -49,8 +52,10 @@ pub struct SinkStatus {
     pub rows_inserted: AtomicU64,
     pub batches_inserted: AtomicU64,
     pub insert_failures: AtomicU64,
-    /// Records on the topic that are not valid events (skipped; see the consumer).
+    /// Records on the topic that are not valid events (dead-lettered).
     pub invalid_records: AtomicU64,
+    /// Records written to the dead-letter topic.
+    pub dead_letters: AtomicU64,
     pub batch_rows: Mutex<Recorder>,
     pub insert_us: Mutex<Recorder>,
     /// Consumer lag per (topic, partition), from librdkafka statistics.
@@ -63,6 +68,7 @@ impl Default for SinkStatus {
             health: Mutex::new(Health {
                 clickhouse: ClickHouseState::Unknown,
                 retrying: false,
+                schema_error: false,
                 last_error: None,
             }),
             consumers_running: AtomicUsize::new(0),
@@ -70,6 +76,7 @@ impl Default for SinkStatus {
             batches_inserted: AtomicU64::new(0),
             insert_failures: AtomicU64::new(0),
             invalid_records: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
             batch_rows: Mutex::new(Recorder::new(10_000_000)),
             insert_us: Mutex::new(Recorder::default()),
             lag: Mutex::new(BTreeMap::new()),
@@ -91,16 +98,19 @@ impl SinkStatus {
         if let Ok(mut health) = self.health.lock() {
             health.clickhouse = ClickHouseState::Up;
             health.retrying = false;
+            health.schema_error = false;
             health.last_error = None;
         }
     }
 
-    /// Records a failed insert that will be retried.
-    pub fn insert_failed(&self, error: &str) {
+    /// Records a failed write that will be retried; `schema` when ClickHouse refused the
+    /// table or grant rather than being unreachable.
+    pub fn insert_failed(&self, error: &str, schema: bool) {
         self.insert_failures.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut health) = self.health.lock() {
             health.clickhouse = ClickHouseState::Down;
             health.retrying = true;
+            health.schema_error = schema;
             health.last_error = Some(error.to_string());
         }
     }
@@ -121,15 +131,23 @@ impl SinkStatus {
 
     /// Snapshot for `/readyz`.
     pub fn report(&self) -> SinkReport {
-        let (clickhouse, retrying, last_error) = self
+        let (clickhouse, retrying, schema_error, last_error) = self
             .health
             .lock()
-            .map(|h| (h.clickhouse, h.retrying, h.last_error.clone()))
-            .unwrap_or((ClickHouseState::Unknown, false, None));
+            .map(|h| {
+                (
+                    h.clickhouse,
+                    h.retrying,
+                    h.schema_error,
+                    h.last_error.clone(),
+                )
+            })
+            .unwrap_or((ClickHouseState::Unknown, false, false, None));
         SinkReport {
             consumers_running: self.consumers_running.load(Ordering::Relaxed),
             clickhouse,
             retrying,
+            schema_error,
             last_error,
             rows_inserted: self.rows_inserted.load(Ordering::Relaxed),
             consumer_lag: self.total_lag(),

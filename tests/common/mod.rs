@@ -380,3 +380,78 @@ pub fn drop_database(names: &Names) {
         format!("DROP DATABASE IF EXISTS {}", names.database).as_bytes(),
     );
 }
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct TopicRecord {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl TopicRecord {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Writes raw records straight to a topic, as another producer would, and waits for
+/// their acknowledgement.
+pub fn produce_raw(brokers: &str, topic: &str, records: &[(&str, &[u8])]) {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .expect("create test producer");
+    for (key, payload) in records {
+        producer
+            .send(BaseRecord::to(topic).key(*key).payload(*payload))
+            .map_err(|(err, _)| err)
+            .expect("enqueue test record");
+    }
+    producer
+        .flush(Duration::from_secs(10))
+        .expect("flush test records");
+}
+
+/// Reads a topic from the beginning (all partitions, no group) until `want` records have
+/// arrived or `limit` passes, and returns what was read.
+pub fn read_topic(brokers: &str, topic: &str, want: usize, limit: Duration) -> Vec<TopicRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", new_id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("create test consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let started = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < want && started.elapsed() < limit {
+        if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = msg
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            let value = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                            (h.key.to_string(), value.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(TopicRecord {
+                key: msg.key().map(<[u8]>::to_vec),
+                payload: msg.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+    }
+    out
+}

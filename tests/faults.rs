@@ -296,3 +296,51 @@ fn consumer_killed_right_after_an_insert_counts_each_event_once() {
     drop(ingest);
     drop_database(&names);
 }
+
+#[test]
+fn a_shard_at_its_in_flight_limit_answers_503_at_once_and_recovers() {
+    use std::io::{Read, Write};
+    let names = Names::new("inflight");
+    let server = Server::start(
+        "ingest",
+        &names,
+        &brokers(),
+        &["http.shards=1", "http.max_inflight_requests=1"],
+    );
+    let m = "inflight-m1";
+    let body = json!([event(&new_id(), m, "fan", "cheer")]).to_string();
+
+    // A slow client holds the shard's only permit by sending half its body.
+    let mut slow = std::net::TcpStream::connect(server.addr()).expect("connect");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).expect("send head");
+    slow.write_all(&body.as_bytes()[..body.len() / 2])
+        .expect("send half");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let started = std::time::Instant::now();
+    let refused = server.post("application/json", body.as_bytes());
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "overloaded");
+    assert!(refused.header("retry-after").is_some());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    slow.write_all(&body.as_bytes()[body.len() / 2..])
+        .expect("send rest");
+    let mut raw = Vec::new();
+    slow.read_to_end(&mut raw).expect("read answer");
+    assert_eq!(parse_response(&raw).expect("answer").status, 202);
+
+    let again = server.post("application/json", body.as_bytes());
+    assert_eq!(again.status, 202, "the permit came back: {}", again.text());
+    drop(server);
+    drop_database(&names);
+}

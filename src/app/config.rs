@@ -45,6 +45,11 @@ pub struct HttpConfig {
     /// Most events in one request; a goal spike is absorbed by more requests, not
     /// unbounded ones.
     pub max_events_per_request: usize,
+    /// Event requests one shard works on at once; past it, 503 `overloaded` at once.
+    pub max_inflight_requests: usize,
+    /// Body bytes one shard's in-progress event requests may hold (declared length, or
+    /// `max_body_bytes` when unknown); past it, 503 `overloaded` at once.
+    pub max_inflight_bytes: usize,
     /// Longest a request waits for Kafka's delivery reports before answering 503. Kept
     /// above `kafka.message_timeout_ms` so the usual answer is the definitive one.
     pub ack_timeout_ms: u64,
@@ -68,6 +73,8 @@ impl Default for HttpConfig {
             first_core: 0,
             max_body_bytes: 1024 * 1024,
             max_events_per_request: 1000,
+            max_inflight_requests: 4096,
+            max_inflight_bytes: 256 * 1024 * 1024,
             ack_timeout_ms: 5_000,
             retry_after_secs: 1,
             shutdown_grace_ms: 10_000,
@@ -450,6 +457,14 @@ impl Config {
                     "is {}, more than the {cores} online cores (one shard per core)",
                     self.http.shards
                 ),
+            );
+        }
+        if self.http.max_inflight_requests == 0
+            || self.http.max_inflight_bytes < self.http.max_body_bytes
+        {
+            return invalid(
+                "http.max_inflight_requests",
+                "must be > 0, and max_inflight_bytes at least max_body_bytes",
             );
         }
         if self.http.listen_backlog < 1 {

@@ -52,6 +52,12 @@ pub enum IngestError {
     Query(#[from] QueryError),
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("shard {shard} is at its in-flight limit ({requests} requests, {bytes} body bytes)")]
+    ShardBusy {
+        shard: usize,
+        requests: usize,
+        bytes: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -96,6 +102,7 @@ impl IngestError {
             },
             IngestError::Query(err) => err.status_and_code(),
             IngestError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            IngestError::ShardBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         }
     }
 

@@ -108,6 +108,17 @@ async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
     let format = BodyFormat::from_content_type(content_type)?;
     // Refuse early when Kafka cannot take anything, before reading the body.
     shared.producer.check_capacity(1)?;
+    let holds = declared_length(&req).map_or(http.max_body_bytes, |len| {
+        usize::try_from(len).map_or(http.max_body_bytes, |len| len.min(http.max_body_bytes))
+    });
+    let _permit = ctx
+        .inflight
+        .admit(holds)
+        .map_err(|full| IngestError::ShardBusy {
+            shard: ctx.shard,
+            requests: full.requests,
+            bytes: full.bytes,
+        })?;
 
     let body = read_body(req, http.max_body_bytes).await?;
     let received_at_ms = now_ms();
@@ -153,11 +164,7 @@ async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
 /// Reads the body up to `limit` bytes. A declared length over the limit is refused
 /// before any body byte is read.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, IngestError> {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(&req);
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(IngestError::PayloadTooLarge { limit_bytes: limit });
     }
@@ -170,6 +177,14 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Ingest
             detail: err.to_string(),
         }),
     }
+}
+
+/// The body length the client announced, if any.
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 async fn match_metrics(ctx: &ShardContext, params: Result<MetricsParams, QueryError>) -> Outcome {

@@ -9,6 +9,7 @@ pub mod decode;
 pub mod error;
 pub mod handler;
 pub mod http_io;
+pub mod inflight;
 pub mod server;
 pub mod state;
 pub mod validate;

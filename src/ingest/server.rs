@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::handler::handle;
 use super::http_io::HyperStream;
+use super::inflight::InFlight;
 use super::state::{IngestShared, LocalStop, ShardContext};
 use crate::metrics::shard::ShardMetrics;
 
@@ -170,11 +171,16 @@ async fn run_shard(
     let _ = ready.send(Ok(shard));
     info!(shard, cpu, listen = %addr, "shard started");
 
+    let inflight = InFlight::new(
+        shared.config.http.max_inflight_requests,
+        shared.config.http.max_inflight_bytes,
+    );
     let ctx = Rc::new(ShardContext {
         shard,
         metrics: Arc::clone(&shared.shard_metrics[shard]),
         shared,
         stop: Rc::new(LocalStop::default()),
+        inflight,
     });
     let connections = Rc::new(Cell::new(0usize));
 

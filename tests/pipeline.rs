@@ -308,56 +308,12 @@ fn consumer_restart_resumes_without_loss() {
     drop_database(&names);
 }
 
-/// A private broker this test may stop and start without disturbing the others.
-struct PrivateBroker {
-    child: Option<std::process::Child>,
-    port: u16,
-}
-
-impl PrivateBroker {
-    fn start(port: u16) -> Self {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = std::process::Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start tansu (run `make stack-up` to install it)");
-        eventually(Duration::from_secs(20), "private broker to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Self {
-            child: Some(child),
-            port,
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[test]
 fn answers_503_while_the_broker_is_down_and_recovers() {
     let names = Names::new("brokerdown");
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
-    let mut broker = PrivateBroker::start(port);
+    let mut broker = PrivateBroker::memory(port);
     let server = Server::start("ingest", &names, &brokers, &[]);
     let m = "down-m1";
     let one = || event(&new_id(), m, "fan", "cheer").to_string();
@@ -365,7 +321,7 @@ fn answers_503_while_the_broker_is_down_and_recovers() {
     let resp = server.post("application/json", one().as_bytes());
     assert_eq!(resp.status, 202, "{}", resp.text());
 
-    broker.stop();
+    broker.kill9();
     // Within a bounded time every answer is a 503 with Retry-After, never a 202.
     let refused = eventually(
         Duration::from_secs(30),
@@ -400,10 +356,7 @@ fn answers_503_while_the_broker_is_down_and_recovers() {
 
     // The memory broker lost its topics with its process: recreate them, as an operator
     // would with `fanfinity topics create`.
-    let _broker = {
-        broker.port = port;
-        PrivateBroker::start(port)
-    };
+    broker.start();
     let mut args = vec!["topics".to_string(), "create".to_string()];
     for set in names.settings(&brokers) {
         args.push("--set".into());

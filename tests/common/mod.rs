@@ -455,3 +455,99 @@ pub fn read_topic(brokers: &str, topic: &str, want: usize, limit: Duration) -> V
     }
     out
 }
+
+/// A Tansu broker private to one test, which the test may kill and start again: the
+/// memory build (`make stack-up`), or the durable sqlite build
+/// (`scripts/stack.sh install-durable`, override with `TEST_TANSU_DURABLE_BIN`) whose
+/// data lives in a temporary directory removed on drop.
+pub struct PrivateBroker {
+    child: Option<Child>,
+    pub port: u16,
+    /// `Some` for the durable build: its working directory.
+    data_dir: Option<PathBuf>,
+}
+
+impl PrivateBroker {
+    /// The memory broker on `port`.
+    pub fn memory(port: u16) -> Self {
+        let mut broker = Self {
+            child: None,
+            port,
+            data_dir: None,
+        };
+        broker.start();
+        broker
+    }
+
+    /// The durable broker on `port`, storing in a fresh temporary directory.
+    pub fn durable(port: u16, tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("fanfinity-durable-{tag}"));
+        let mut broker = Self {
+            child: None,
+            port,
+            data_dir: Some(dir),
+        };
+        broker.start();
+        broker
+    }
+
+    /// Starts (or restarts) the broker and waits until its port accepts connections.
+    pub fn start(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let mut command = match &self.data_dir {
+            None => {
+                let mut command = Command::new(tansu_bin());
+                command.arg("broker");
+                command
+            }
+            Some(dir) => {
+                std::fs::create_dir_all(dir).expect("broker data dir");
+                let bin = std::env::var("TEST_TANSU_DURABLE_BIN")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|_| {
+                        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                            .join("target/stack/bin/tansu-durable")
+                    });
+                let mut command = Command::new(bin);
+                // Without --storage-engine it would silently run from memory; the two
+                // variables would make it export telemetry or use a schema registry.
+                command
+                    .arg("broker")
+                    .current_dir(dir)
+                    .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .env_remove("SCHEMA_REGISTRY")
+                    .env("NO_COLOR", "1")
+                    .args(["--storage-engine", "sqlite://tansu.db"]);
+                command
+            }
+        };
+        let child = command
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu (run `make stack-up` / `scripts/stack.sh install-durable`)");
+        self.child = Some(child);
+        let port = self.port;
+        eventually(Duration::from_secs(20), "private broker to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// SIGKILL: nothing is flushed.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill9();
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use fanfinity::app::config::{Config, Overrides};
 use fanfinity::app::context::{AppContext, Roles};
 use fanfinity::app::{limits, shutdown};
+use fanfinity::kafka::dead_topic::{self, DeadFilter};
 use fanfinity::kafka::topics::TopicAdmin;
 use fanfinity::sink::migrate;
 use tracing::{error, info};
@@ -64,12 +65,35 @@ enum Command {
     },
     /// Create the ClickHouse database and tables, applying pending migrations.
     Migrate,
+    /// The dead-letter topic: what could not be stored, and why.
+    Dead {
+        #[command(subcommand)]
+        action: DeadAction,
+    },
     /// Print the effective configuration (secrets redacted).
     Config {
         /// Validate only: exit non-zero with the reason if the configuration is invalid.
         #[arg(long)]
         check: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadAction {
+    /// Print dead letters as JSON lines (reason, source position, original record).
+    List(DeadArgs),
+    /// Send dead letters back to the events topic (after fixing the cause).
+    Replay(DeadArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeadArgs {
+    /// Only letters whose reason contains this text.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only letters of this match id (the record key).
+    #[arg(long = "match")]
+    match_id: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -177,6 +201,31 @@ fn run(command: Command, config: Config) -> Result<()> {
                 "database {}: applied {:?}, already applied {:?}",
                 config.clickhouse.database, report.applied, report.already_applied
             );
+            Ok(())
+        }
+        Command::Dead { action } => {
+            let (args, replay) = match action {
+                DeadAction::List(args) => (args, false),
+                DeadAction::Replay(args) => (args, true),
+            };
+            let filter = DeadFilter {
+                reason_contains: args.reason,
+                key: args.match_id,
+            };
+            let entries = dead_topic::read_dead(&config.kafka, &filter)?;
+            if replay {
+                let sent = dead_topic::replay(&config.kafka, &entries)?;
+                println!("replayed {sent} dead letters to {}", config.kafka.topic);
+            } else {
+                for entry in &entries {
+                    println!("{}", sonic_rs::to_string(entry)?);
+                }
+                eprintln!(
+                    "{} dead letters in {}",
+                    entries.len(),
+                    config.kafka.dead_topic
+                );
+            }
             Ok(())
         }
         Command::Config { check } => {

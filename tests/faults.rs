@@ -96,7 +96,7 @@ fn poison_messages_on_the_topic_are_dead_lettered_and_the_rest_is_stored() {
 }
 
 #[test]
-fn one_row_clickhouse_refuses_is_dead_lettered_and_its_batch_is_stored() {
+fn one_row_clickhouse_refuses_is_dead_lettered_stored_around_and_replayable() {
     let names = Names::new("refused");
     let server = Server::start("serve", &names, &brokers(), &[]);
     let m = "refused-m1";

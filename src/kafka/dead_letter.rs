@@ -115,34 +115,74 @@ impl DeadLetterWriter {
     /// [`DeadLetterError::NotAcknowledged`] if any letter was refused, could not be
     /// enqueued or was not acknowledged in time; the caller keeps the batch and retries.
     pub fn send_all(&self, letters: &[DeadLetter]) -> Result<(), DeadLetterError> {
-        if letters.is_empty() {
+        let failed_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+            .to_string();
+        self.send_confirmed(&self.topic, letters.len(), |i| {
+            let letter = &letters[i];
+            let headers = OwnedHeaders::new()
+                .insert(header("fanfinity-reason", &letter.reason))
+                .insert(header("fanfinity-source-topic", &letter.source_topic))
+                .insert(header(
+                    "fanfinity-source-partition",
+                    &letter.source_partition.to_string(),
+                ))
+                .insert(header(
+                    "fanfinity-source-offset",
+                    &letter.source_offset.to_string(),
+                ))
+                .insert(header("fanfinity-failed-at-ms", &failed_at));
+            (
+                letter.key.as_deref(),
+                letter.payload.as_slice(),
+                Some(headers),
+            )
+        })
+    }
+
+    /// Writes records as they are (key and bytes, no headers) to `topic` and waits for
+    /// every acknowledgement: how `fanfinity dead replay` returns letters to the events
+    /// topic.
+    ///
+    /// # Errors
+    /// As [`DeadLetterWriter::send_all`].
+    pub fn send_raw(
+        &self,
+        topic: &str,
+        records: &[(Option<Vec<u8>>, Vec<u8>)],
+    ) -> Result<(), DeadLetterError> {
+        self.send_confirmed(topic, records.len(), |i| {
+            let (key, payload) = &records[i];
+            (key.as_deref(), payload.as_slice(), None)
+        })
+    }
+
+    /// Sends `count` records built by `record(i)` and waits for all acknowledgements.
+    fn send_confirmed<'a>(
+        &self,
+        topic: &str,
+        count: usize,
+        record: impl Fn(usize) -> (Option<&'a [u8]>, &'a [u8], Option<OwnedHeaders>),
+    ) -> Result<(), DeadLetterError> {
+        if count == 0 {
             return Ok(());
         }
         self.outcomes.failed.store(0, Ordering::Relaxed);
         if let Ok(mut slot) = self.outcomes.first_error.lock() {
             *slot = None;
         }
-        let failed_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis())
-            .to_string();
         let mut unsent = 0;
-        for letter in letters {
-            let partition = letter.source_partition.to_string();
-            let offset = letter.source_offset.to_string();
-            let headers = OwnedHeaders::new()
-                .insert(header("fanfinity-reason", &letter.reason))
-                .insert(header("fanfinity-source-topic", &letter.source_topic))
-                .insert(header("fanfinity-source-partition", &partition))
-                .insert(header("fanfinity-source-offset", &offset))
-                .insert(header("fanfinity-failed-at-ms", &failed_at));
-            let mut record = BaseRecord::to(&self.topic)
-                .payload(&letter.payload)
-                .headers(headers);
-            if let Some(key) = &letter.key {
-                record = record.key(key);
+        for i in 0..count {
+            let (key, payload, headers) = record(i);
+            let mut base = BaseRecord::to(topic).payload(payload);
+            if let Some(key) = key {
+                base = base.key(key);
             }
-            if let Err((err, _)) = self.producer.send(record) {
+            if let Some(headers) = headers {
+                base = base.headers(headers);
+            }
+            if let Err((err, _)) = self.producer.send(base) {
                 unsent += 1;
                 if let Ok(mut slot) = self.outcomes.first_error.lock() {
                     slot.get_or_insert_with(|| err.to_string());
@@ -163,8 +203,8 @@ impl DeadLetterWriter {
             .or_else(|| flushed.err().map(|e| e.to_string()))
             .unwrap_or_default();
         Err(DeadLetterError::NotAcknowledged {
-            topic: self.topic.clone(),
-            sent: letters.len(),
+            topic: topic.to_string(),
+            sent: count,
             failed: failed.max(1),
             reason,
         })

@@ -4,5 +4,6 @@
 
 pub mod consumer;
 pub mod dead_letter;
+pub mod dead_topic;
 pub mod producer;
 pub mod topics;

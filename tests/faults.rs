@@ -62,10 +62,7 @@ fn poison_messages_on_the_topic_are_dead_lettered_and_the_rest_is_stored() {
 
     let mut expected: Vec<String> = before.into_iter().chain(after).collect();
     expected.sort();
-    let stored = eventually(LAND, "all 40 valid events", || {
-        let ids = stored_ids(&names.database, m);
-        (ids.len() >= 40).then_some(ids)
-    });
+    let stored = wait_for_ids(&names, m, 40, LAND);
     assert_eq!(
         stored, expected,
         "the partition moved past the poison, nothing else lost"
@@ -105,9 +102,7 @@ fn one_row_clickhouse_refuses_is_dead_lettered_stored_around_and_replayable() {
     // Let the sink create the table, then make ClickHouse refuse one user's rows.
     let warmup = new_id();
     post_ok(&server, &[event(&warmup, m, "fan-0", "view")]);
-    eventually(LAND, "the warm-up event", || {
-        (stored_ids(&names.database, m).len() == 1).then_some(())
-    });
+    wait_for_ids(&names, m, 1, LAND);
     clickhouse(&format!(
         "ALTER TABLE {}.events ADD COLUMN poison UInt8 DEFAULT throwIf(user_id = 'poison-pill')",
         names.database
@@ -126,10 +121,7 @@ fn one_row_clickhouse_refuses_is_dead_lettered_stored_around_and_replayable() {
         .chain([warmup])
         .collect();
     expected.sort();
-    let stored = eventually(LAND, "the 49 storable events", || {
-        let stored = stored_ids(&names.database, m);
-        (stored.len() >= 50).then_some(stored)
-    });
+    let stored = wait_for_ids(&names, m, 50, LAND);
     assert_eq!(stored, expected);
 
     let dead = read_topic(&brokers(), &format!("{topic}.dead"), 1, LAND);
@@ -273,18 +265,13 @@ fn consumer_killed_right_after_an_insert_counts_each_event_once() {
             .collect::<Vec<_>>(),
     );
 
-    eventually(LAND, "the batch insert", || {
-        (!stored_ids(&names.database, m).is_empty()).then_some(())
-    });
+    wait_for_ids(&names, m, 1, LAND);
     consumer.kill9();
     consumer.spawn();
 
     let mut expected = ids.clone();
     expected.sort();
-    let stored = eventually(LAND, "the batch after the restart", || {
-        let stored = stored_ids(&names.database, m);
-        (stored.len() >= 300).then_some(stored)
-    });
+    let stored = wait_for_ids(&names, m, 300, LAND);
     assert_eq!(stored, expected);
     // The redelivered batch may be stored twice until merged; it counts once.
     std::thread::sleep(Duration::from_secs(5));
@@ -413,10 +400,7 @@ fn durable_broker_killed_under_load_loses_no_acknowledged_event() {
         "every batch got its 202 after the broker returned"
     );
     acked.sort();
-    let stored = eventually(Duration::from_secs(120), "every acknowledged event", || {
-        let stored = stored_ids(&names.database, m);
-        (stored.len() >= acked.len()).then_some(stored)
-    });
+    let stored = wait_for_ids(&names, m, acked.len(), Duration::from_secs(120));
     assert_eq!(
         stored, acked,
         "each acknowledged event stored, nothing else"

@@ -13,17 +13,6 @@ use serde_json::json;
 
 const LAND: Duration = Duration::from_secs(60);
 
-fn wait_for_ids(names: &Names, match_id: &str, expected: usize) -> Vec<String> {
-    eventually(
-        LAND,
-        &format!("{expected} events of {match_id} in ClickHouse"),
-        || {
-            let ids = stored_ids(&names.database, match_id);
-            (ids.len() >= expected).then_some(ids)
-        },
-    )
-}
-
 #[test]
 fn single_array_and_ndjson_posts_land_with_every_field() {
     let names = Names::new("fields");
@@ -66,7 +55,7 @@ fn single_array_and_ndjson_posts_land_with_every_field() {
     assert_eq!(resp.status, 202, "{}", resp.text());
     assert_eq!(resp.json()["accepted"], 2);
 
-    let ids = wait_for_ids(&names, m, 5);
+    let ids = wait_for_ids(&names, m, 5, LAND);
     assert_eq!(ids.len(), 5);
     assert!(ids.contains(&assigned));
 
@@ -134,7 +123,7 @@ fn one_invalid_event_rejects_the_whole_batch() {
         event(&marker, m, "fan-9", "view").to_string().as_bytes(),
     );
     assert_eq!(resp.status, 202);
-    let ids = wait_for_ids(&names, m, 1);
+    let ids = wait_for_ids(&names, m, 1, LAND);
     assert_eq!(ids, vec![marker], "only the marker may be stored");
     drop(server);
     drop_database(&names);
@@ -226,7 +215,7 @@ fn metrics_endpoint_matches_the_events_posted() {
         json!([events[0]]).to_string().as_bytes(),
     );
     assert_eq!(again.status, 202);
-    wait_for_ids(&names, m, 9);
+    wait_for_ids(&names, m, 9, LAND);
     eventually(LAND, "the retried copy to be stored", || {
         let rows = clickhouse(&format!(
             "SELECT count() FROM {}.events WHERE match_id = '{m}' FORMAT TabSeparated",
@@ -287,7 +276,7 @@ fn consumer_restart_resumes_without_loss() {
     };
 
     let mut sent = post_batch(200);
-    wait_for_ids(&names, m, 200);
+    wait_for_ids(&names, m, 200, LAND);
 
     consumer.kill9();
     sent.extend(post_batch(300));
@@ -300,7 +289,7 @@ fn consumer_restart_resumes_without_loss() {
 
     consumer.spawn();
     sent.extend(post_batch(100));
-    let stored = wait_for_ids(&names, m, 600);
+    let stored = wait_for_ids(&names, m, 600, LAND);
     sent.sort();
     assert_eq!(stored, sent, "every acknowledged event, once");
     drop(consumer);

@@ -358,6 +358,24 @@ pub fn stored_ids(database: &str, match_id: &str) -> Vec<String> {
     ids
 }
 
+/// Waits up to `limit` until ClickHouse holds at least `expected` distinct ids of the
+/// match, and returns them sorted.
+pub fn wait_for_ids(
+    names: &Names,
+    match_id: &str,
+    expected: usize,
+    limit: Duration,
+) -> Vec<String> {
+    eventually(
+        limit,
+        &format!("{expected} events of {match_id} in ClickHouse"),
+        || {
+            let ids = stored_ids(&names.database, match_id);
+            (ids.len() >= expected).then_some(ids)
+        },
+    )
+}
+
 /// A fresh random UUID v4, formatted, for client-chosen event ids.
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()

@@ -7,9 +7,11 @@
 //! - [`sink`] turns consumed records into ClickHouse rows and inserts them in batches.
 //! - [`query`] answers per-match questions from ClickHouse.
 //! - [`metrics`] keeps per-shard counters and latency histograms for Prometheus.
+//! - [`auth`] checks API keys.
 //! - [`app`] reads the configuration, wires the parts together and shuts them down.
 
 pub mod app;
+pub mod auth;
 pub mod event;
 pub mod ingest;
 pub mod kafka;

@@ -27,6 +27,7 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub query: QueryConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
 }
 
 /// The ingest HTTP server.
@@ -196,6 +197,14 @@ pub struct SinkConfig {
     /// At shutdown, how long a consumer keeps retrying its last batch before leaving it
     /// uncommitted (it is consumed again on the next start).
     pub shutdown_drain_ms: u64,
+    /// Further attempts a row ClickHouse refused for its content gets, from the retry
+    /// topic, before it goes to the dead topic. 0 sends refused rows straight there.
+    pub retry_topic_attempts: u32,
+    /// Wait before the first of those attempts; doubles per attempt up to
+    /// `retry_topic_delay_max_ms`. Long on purpose: content refusals that heal do so
+    /// because someone changed the table, not within milliseconds.
+    pub retry_topic_delay_ms: u64,
+    pub retry_topic_delay_max_ms: u64,
 }
 
 impl Default for SinkConfig {
@@ -206,6 +215,9 @@ impl Default for SinkConfig {
             retry_min_ms: 200,
             retry_max_ms: 10_000,
             shutdown_drain_ms: 10_000,
+            retry_topic_attempts: 3,
+            retry_topic_delay_ms: 30_000,
+            retry_topic_delay_max_ms: 300_000,
         }
     }
 }
@@ -298,6 +310,27 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             format: "text".into(),
+        }
+    }
+}
+
+/// API keys (see `crate::auth`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Check keys. `serve` and `ingest` refuse to start with this on and no key that may
+    /// ingest; turning it off is for development only and logged at warn.
+    pub enabled: bool,
+    /// Salted hashes of the keys in force, made by `fanfinity keys new`. Re-read on
+    /// SIGHUP (with the rest of the file; only the keys take effect without a restart).
+    pub keys: Vec<crate::auth::KeyEntry>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            keys: Vec::new(),
         }
     }
 }
@@ -428,6 +461,15 @@ impl Config {
         if self.sink.retry_min_ms == 0 || self.sink.retry_max_ms < self.sink.retry_min_ms {
             return invalid("sink.retry_min_ms", "must be > 0 and <= retry_max_ms");
         }
+        if self.sink.retry_topic_delay_max_ms < self.sink.retry_topic_delay_ms {
+            return invalid(
+                "sink.retry_topic_delay_ms",
+                "must be <= retry_topic_delay_max_ms",
+            );
+        }
+        if self.sink.retry_topic_attempts > 100 {
+            return invalid("sink.retry_topic_attempts", "must be at most 100");
+        }
         if self.consumer.group_id.trim().is_empty() {
             return invalid("consumer.group_id", "must not be blank");
         }
@@ -503,6 +545,12 @@ impl Config {
         }
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return invalid("log.format", "must be text or json");
+        }
+        if let Err(err) = crate::auth::KeySet::from_entries(&self.auth.keys) {
+            return Err(ConfigError::Invalid {
+                field: "auth.keys",
+                reason: err.to_string(),
+            });
         }
         Ok(())
     }

@@ -199,6 +199,9 @@ async fn match_metrics(ctx: &ShardContext, params: Result<MetricsParams, QueryEr
 #[derive(Serialize)]
 struct Readiness {
     ready: bool,
+    /// Shutting down: the shards refuse new events and stop accepting connections, so a
+    /// load balancer should send nothing more here.
+    draining: bool,
     kafka: KafkaReport,
     /// `null` when this process runs no sink (`fanfinity ingest`).
     sink: Option<SinkReport>,
@@ -212,8 +215,9 @@ struct KafkaReport {
     last_error: Option<String>,
 }
 
-/// `GET /readyz`: 200 when this node should receive events. ClickHouse's state is shown
-/// but does not count: Kafka holds events while the sink is behind.
+/// `GET /readyz`: 200 when this node should receive events, 503 with `"draining": true`
+/// from the moment shutdown begins. ClickHouse's state is shown but does not count: Kafka
+/// holds events while the sink is behind.
 fn readiness(shared: &Arc<IngestShared>) -> HttpResponse {
     let producer = &shared.producer;
     let health = producer.health();
@@ -223,11 +227,11 @@ fn readiness(shared: &Arc<IngestShared>) -> HttpResponse {
         queue_limit: producer.ready_limit(),
         last_error: health.last_error(),
     };
-    let ready = kafka.up
-        && kafka.queue_depth < kafka.queue_limit
-        && !shared.stopping.load(Ordering::Relaxed);
+    let draining = shared.stopping.load(Ordering::Relaxed);
+    let ready = kafka.up && kafka.queue_depth < kafka.queue_limit && !draining;
     let body = Readiness {
         ready,
+        draining,
         kafka,
         sink: shared.sink.as_ref().map(|s| s.report()),
     };

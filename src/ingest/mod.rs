@@ -10,6 +10,7 @@ pub mod error;
 pub mod handler;
 pub mod http_io;
 pub mod inflight;
+mod listener;
 pub mod server;
 pub mod state;
 pub mod validate;

@@ -1,14 +1,17 @@
 //! Starts the shards: one pinned glommio executor per shard, each binding the same
 //! address with SO_REUSEPORT, accepting connections and serving them with hyper.
 //!
-//! Shutdown, per shard: the accept loop sees the process-wide `stopping` flag, stops
-//! accepting, asks every connection to finish its current request and close
-//! (hyper's graceful shutdown), then waits for the connections up to a grace period.
+//! Shutdown, per shard (the process-wide order is in `app/shutdown.rs`): the accept loop
+//! sees the process-wide `stopping` flag and asks every connection to finish its current
+//! request and close (hyper's graceful shutdown). The listener then stops taking new
+//! connections without resetting the ones the kernel already queued, which are accepted
+//! and answered too ([`super::listener::ShardListener`] says how and what it cannot cover). Last, the shard
+//! waits for its connections up to `http.shutdown_grace_ms` and logs what was still open.
 
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::poll_fn;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -17,7 +20,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::{self, Future};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -26,6 +29,7 @@ use tracing::{debug, info, warn};
 use super::handler::handle;
 use super::http_io::HyperStream;
 use super::inflight::InFlight;
+use super::listener::{Acceptor, ShardListener};
 use super::state::{IngestShared, LocalStop, ShardContext};
 use crate::metrics::shard::ShardMetrics;
 
@@ -129,27 +133,6 @@ fn refuse_taken_address(addr: std::net::SocketAddr) -> Result<(), ServerError> {
         })
 }
 
-/// Binds one shard's listener: SO_REUSEPORT so every shard binds the same address and
-/// the kernel spreads connections, SO_REUSEADDR so a restart does not wait for the old
-/// process's TIME_WAIT connections to expire. Must run on the shard's executor.
-fn bind_shard_listener(addr: std::net::SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    let fd = socket.into_raw_fd();
-    // SAFETY: `fd` is a bound, listening TCP socket that nothing else owns; glommio takes
-    // ownership of it here, exactly once.
-    Ok(unsafe { TcpListener::from_raw_fd(fd) })
-}
-
 async fn run_shard(
     shard: usize,
     cpu: usize,
@@ -157,7 +140,7 @@ async fn run_shard(
     ready: mpsc::Sender<Result<usize, ServerError>>,
 ) {
     let addr = shared.config.http.listen;
-    let listener = match bind_shard_listener(addr, shared.config.http.listen_backlog) {
+    let listener = match ShardListener::bind(addr, shared.config.http.listen_backlog) {
         Ok(listener) => listener,
         Err(source) => {
             let _ = ready.send(Err(ServerError::Bind {
@@ -184,62 +167,92 @@ async fn run_shard(
     });
     let connections = Rc::new(Cell::new(0usize));
 
-    accept_loop(&ctx, &listener, &connections).await;
-
-    ctx.stop.fire();
-    drop(listener);
-    let grace = Duration::from_millis(ctx.shared.config.http.shutdown_grace_ms);
-    let deadline = Instant::now() + grace;
-    while connections.get() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
-    if connections.get() > 0 {
-        warn!(
-            shard,
-            open = connections.get(),
-            grace_ms = grace.as_millis() as u64,
-            "closing connections that did not finish in time"
-        );
-    } else {
-        info!(shard, "shard drained");
-    }
+    let deadline = serve_listener(&ctx, listener, &connections).await;
+    wait_for_connections(&ctx, &connections, deadline).await;
 }
 
-async fn accept_loop(
+/// The listener's whole life: accept until the process stops, then stop it without
+/// resetting what the kernel queued (see [`ShardListener`]). Returns the shard's shutdown
+/// deadline, `http.shutdown_grace_ms` after it saw the stop.
+async fn serve_listener(
     ctx: &Rc<ShardContext>,
-    listener: &TcpListener,
+    listener: ShardListener,
+    connections: &Rc<Cell<usize>>,
+) -> Instant {
+    let mut acceptor = Acceptor::new(ctx.shard, &listener.listener);
+    accept_until_stopped(ctx, &mut acceptor, connections).await;
+
+    let grace = Duration::from_millis(ctx.shared.config.http.shutdown_grace_ms);
+    let deadline = Instant::now() + grace;
+    ctx.stop.fire();
+    let open = connections.get();
+    let mut serve = |stream| spawn_connection(ctx, stream, connections);
+    let drained = listener.stop(acceptor, deadline, &mut serve).await;
+    info!(
+        shard = ctx.shard,
+        open_connections = open,
+        drained_connections = drained,
+        "shard stopped accepting"
+    );
+    deadline
+}
+
+/// Accepts and serves connections until the process-wide stop flag is set.
+async fn accept_until_stopped(
+    ctx: &Rc<ShardContext>,
+    acceptor: &mut Acceptor<'_>,
     connections: &Rc<Cell<usize>>,
 ) {
-    let mut backoff = Duration::from_millis(5);
     loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
+        // An accept ready at the same time as the stop wins: `or` polls it first.
+        let next = future::or(async { Some(acceptor.next_connection().await) }, async {
             while !ctx.shared.stopping.load(Ordering::Relaxed) {
                 glommio::timer::sleep(STOP_POLL).await;
             }
             None
         })
         .await;
-        match accepted {
+        match next {
             None => return,
-            Some(Ok(stream)) => {
-                backoff = Duration::from_millis(5);
-                let ctx = Rc::clone(ctx);
-                let guard = ConnectionGuard::new(connections);
-                glommio::spawn_local(async move {
-                    serve_connection(ctx, stream).await;
-                    drop(guard);
-                })
-                .detach();
-            }
-            Some(Err(err)) => {
-                // Typically EMFILE: back off instead of spinning, doubling up to 1 s.
-                warn!(shard = ctx.shard, error = %err, retry_in_ms = backoff.as_millis() as u64,
-                    "accept failed");
-                glommio::timer::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+            Some(Some(stream)) => spawn_connection(ctx, stream, connections),
+            Some(None) => {}
         }
     }
+}
+
+fn spawn_connection(ctx: &Rc<ShardContext>, stream: TcpStream, connections: &Rc<Cell<usize>>) {
+    let ctx = Rc::clone(ctx);
+    let guard = ConnectionGuard::new(connections);
+    glommio::spawn_local(async move {
+        serve_connection(ctx, stream).await;
+        drop(guard);
+    })
+    .detach();
+}
+
+/// Waits until every connection closed or the deadline passed. Whatever is still open
+/// then is dropped with the shard: its client gets no answer, so the count is logged.
+async fn wait_for_connections(
+    ctx: &Rc<ShardContext>,
+    connections: &Rc<Cell<usize>>,
+    deadline: Instant,
+) {
+    while connections.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    let open = connections.get();
+    if open == 0 {
+        info!(shard = ctx.shard, "shard drained");
+        return;
+    }
+    warn!(
+        shard = ctx.shard,
+        open_connections = open,
+        inflight_requests = ctx.inflight.requests(),
+        grace_ms = ctx.shared.config.http.shutdown_grace_ms,
+        "shutdown deadline hit; closing connections without an answer \
+         (events already handed to the producer are still flushed)"
+    );
 }
 
 /// Counts a live connection for the shutdown drain.
@@ -262,6 +275,19 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// Serves one connection with hyper until it closes.
+///
+/// When the shard stops, the connection finishes its current request and closes (hyper's
+/// graceful shutdown) instead of waiting for the client to go away. Hyper closes a
+/// connection at once if it has not read a byte yet, even when the client's request is
+/// already in the socket; so a connection still silent at the stop (typically one just
+/// accepted, or drained from the accept queue) gets up to [`FIRST_REQUEST_WAIT`] for its
+/// first bytes and is then served its one request like any other.
+///
+/// # Limitations
+/// A keep-alive connection idle between requests at the stop is closed at once: a request
+/// the client sends at that very moment meets a closed connection, the race every HTTP/1.1
+/// keep-alive client must already handle (RFC 9112, section 9.3.1).
 async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream) {
     if let Err(err) = stream.set_nodelay(true) {
         debug!(shard = ctx.shard, error = %err, "cannot set TCP_NODELAY");
@@ -271,27 +297,171 @@ async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream) {
         let ctx = Rc::clone(&service_ctx);
         async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
     });
+    let heard = Rc::new(Cell::new(false));
+    let io = HeardStream {
+        inner: HyperStream(stream),
+        heard: Rc::clone(&heard),
+    };
     let conn = http1::Builder::new()
         .keep_alive(true)
-        .serve_connection(HyperStream(stream), service);
+        .serve_connection(io, service);
     let mut conn = pin!(conn);
     let mut stop = pin!(ctx.stop.wait());
-    let mut stopping = false;
+    let mut silence: Option<Pin<Box<glommio::timer::Timer>>> = None;
+    let mut shutting = false;
 
-    // Drive the connection; when the shard stops, let the current request finish and
-    // close instead of waiting for the client to go away.
-    let result = poll_fn(|cx| {
-        if !stopping && stop.as_mut().poll(cx).is_ready() {
-            stopping = true;
-            conn.as_mut().graceful_shutdown();
+    let result = poll_fn(|cx| loop {
+        if !shutting && silence.is_none() && stop.as_mut().poll(cx).is_ready() {
+            silence = Some(Box::pin(glommio::timer::Timer::new(FIRST_REQUEST_WAIT)));
         }
+        if let (false, Some(timer)) = (shutting, silence.as_mut()) {
+            if heard.get() || timer.as_mut().poll(cx).is_ready() {
+                shutting = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+        let heard_before = heard.get();
         match conn.as_mut().poll(cx) {
-            Poll::Ready(result) => Poll::Ready(result),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => return Poll::Ready(result),
+            // The first bytes came in during this poll, after the stop: shut down now.
+            Poll::Pending if silence.is_some() && !shutting && heard.get() && !heard_before => {}
+            Poll::Pending => return Poll::Pending,
         }
     })
     .await;
     if let Err(err) = result {
         debug!(shard = ctx.shard, error = %err, "connection ended with an error");
+    }
+}
+
+/// How long a connection that has sent nothing yet may take, once the shard stops, to
+/// send its request. Far above a round trip, so a request already on its way is served;
+/// short enough that a client that connected and went quiet does not hold the shutdown.
+/// (Go's `http.Server.Shutdown` gives new connections 5 s for the same reason.)
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// The connection as hyper reads it, noting whether anything was read yet (a read that
+/// completed, EOF included), which hyper does not tell.
+struct HeardStream {
+    inner: HyperStream,
+    heard: Rc<Cell<bool>>,
+}
+
+impl hyper::rt::Read for HeardStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) {
+            self.heard.set(true);
+        }
+        read
+    }
+}
+
+impl hyper::rt::Write for HeardStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read, Write};
+
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::ingest::listener::HANDSHAKE_SETTLE;
+
+    /// Clients that connected and sent a request before anything was accepted sit in the
+    /// accept queue, where a close would reset them. Stopping the listener hands every one
+    /// over, ends the outstanding accept without waiting it out, and then the address
+    /// refuses connections.
+    #[test]
+    fn stopping_a_listener_serves_its_accept_queue_then_refuses_connections() {
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let shard = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(256 * 1024)
+            .spawn(move || async move {
+                let listener = ShardListener::bind(([127, 0, 0, 1], 0).into(), 64).expect("bind");
+                let addr = listener.listener.local_addr().expect("local address");
+                addr_tx.send(addr).expect("report the address");
+                go_rx.recv().expect("clients queued");
+
+                let started = Instant::now();
+                let mut accepted = Vec::new();
+                let acceptor = Acceptor::new(0, &listener.listener);
+                let deadline = started + Duration::from_secs(5);
+                let taken = listener
+                    .stop(acceptor, deadline, &mut |stream| accepted.push(stream))
+                    .await;
+                let took = started.elapsed();
+                for mut stream in accepted {
+                    let mut request = [0u8; 16];
+                    let n = stream.read(&mut request).await.expect("read request");
+                    let answer = [b"pong:", &request[..n]].concat();
+                    stream.write_all(&answer).await.expect("answer");
+                    stream.close().await.expect("close");
+                }
+                (taken, took)
+            })
+            .expect("start an executor");
+        let addr = addr_rx.recv().expect("listener address");
+
+        let mut clients: Vec<_> = (0..5)
+            .map(|i| {
+                let mut client = std::net::TcpStream::connect(addr).expect("connect");
+                client
+                    .write_all(format!("ping{i}").as_bytes())
+                    .expect("send");
+                client
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        go_tx.send(()).expect("start the stop");
+
+        for (i, client) in clients.iter_mut().enumerate() {
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("read timeout");
+            let mut answer = String::new();
+            client
+                .read_to_string(&mut answer)
+                .expect("an answer, not a reset");
+            assert_eq!(answer, format!("pong:ping{i}"));
+        }
+        let (taken, took) = shard.join().expect("executor");
+        assert_eq!(taken, 5, "every queued connection handed over");
+        assert!(
+            took < HANDSHAKE_SETTLE + Duration::from_millis(500),
+            "the outstanding accept ended when the socket was shut ({took:?})"
+        );
+        let late = std::net::TcpStream::connect(addr).map(drop);
+        assert_eq!(
+            late.map_err(|e| e.kind()),
+            Err(ErrorKind::ConnectionRefused)
+        );
     }
 }

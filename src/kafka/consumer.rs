@@ -11,16 +11,13 @@
 //! attempts, so it stays in the group (no `max.poll.interval.ms` eviction) and its
 //! memory stays bounded by what was already fetched.
 //!
-//! Records that are not valid events, and rows ClickHouse refuses for their content
-//! (found by splitting the batch until the refused rows stand alone), are written to the
-//! dead-letter topic with the reason; the rest of the batch is inserted. Offsets are
-//! stored only once both the insert and the dead letters are acknowledged. Schema and
-//! permission errors pause the sink without dropping anything (see `sink::classify`).
-//!
-//! # Limitations
-//! NOTE(#3): rows refused for their content go straight to the dead-letter topic; the
-//! retry topic and its consumer (re-attempts with backoff before dead-lettering) are not
-//! built yet.
+//! Records that are not valid events go to the dead-letter topic with the reason. Rows
+//! ClickHouse refuses for their content (found by splitting the batch until the refused
+//! rows stand alone, see `sink::bisect`) go to the retry topic, where
+//! [`super::retry_consumer`] gives them `sink.retry_topic_attempts` more tries before
+//! dead-lettering them; the rest of the batch is inserted. Offsets are stored only once
+//! the insert and every retry and dead letter are acknowledged. Schema and permission
+//! errors pause the sink without dropping anything (see `sink::classify`).
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -38,9 +35,13 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use super::dead_letter::{DeadLetter, DeadLetterError, SideTopicWriter};
+use super::retry_consumer::RetryWorker;
+use super::retry_letter::{delay_after, now_ms, RetryLetter};
 use crate::app::config::Config;
 use crate::event::EventRecord;
-use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetterWriter};
+use crate::sink::backoff::{jitter, next_backoff};
+use crate::sink::bisect::{error_chain, insert_around_refusals};
 use crate::sink::classify::{classify, FailureKind};
 use crate::sink::row::{EventRow, KafkaPosition};
 use crate::sink::status::SinkStatus;
@@ -52,16 +53,16 @@ use crate::sink::SinkError;
 pub enum ConsumeError {
     #[error("cannot create kafka consumer {consumer}")]
     Create {
-        consumer: usize,
+        consumer: String,
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     #[error("cannot subscribe consumer {consumer} to {topic}")]
     Subscribe {
-        consumer: usize,
+        consumer: String,
         topic: String,
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     #[error(transparent)]
     Sink(#[from] SinkError),
@@ -76,9 +77,13 @@ pub enum ConsumeError {
 }
 
 /// librdkafka callbacks for a sink consumer: lag from statistics, commit on revoke.
-struct SinkContext {
-    consumer: usize,
+pub(super) struct SinkContext {
+    /// `sink-0`, `sink-1`, ... or `retry`: the `consumer` field of its logs.
+    consumer: String,
     status: Arc<SinkStatus>,
+    /// Bumped after every rebalance, so a worker holding records can drop those of
+    /// partitions it no longer owns.
+    pub(super) rebalances: std::sync::atomic::AtomicU64,
 }
 
 impl ClientContext for SinkContext {
@@ -93,7 +98,7 @@ impl ClientContext for SinkContext {
     }
 
     fn error(&self, err: KafkaError, reason: &str) {
-        warn!(consumer = self.consumer, error = %err, reason, "kafka consumer error");
+        warn!(consumer = %self.consumer, error = %err, reason, "kafka consumer error");
     }
 }
 
@@ -103,20 +108,21 @@ impl ConsumerContext for SinkContext {
             // Stored offsets only ever cover inserted rows, so committing them is safe.
             match consumer.commit_consumer_state(CommitMode::Sync) {
                 Ok(()) => info!(
-                    consumer = self.consumer,
+                    consumer = %self.consumer,
                     partitions = partitions.count(),
                     "partitions revoked, stored offsets committed"
                 ),
-                Err(err) => debug!(consumer = self.consumer, error = %err,
+                Err(err) => debug!(consumer = %self.consumer, error = %err,
                     "nothing committed on revoke"),
             }
         }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.rebalances.fetch_add(1, Ordering::Relaxed);
         if let Rebalance::Assign(partitions) = rebalance {
             info!(
-                consumer = self.consumer,
+                consumer = %self.consumer,
                 partitions = partitions.count(),
                 "partitions assigned"
             );
@@ -139,6 +145,8 @@ struct Batch {
     rows: Vec<EventRow>,
     /// Parallel to `rows`.
     sources: Vec<RowSource>,
+    /// Refused rows to write to the retry topic before the offsets may move.
+    retries: Vec<RetryLetter>,
     /// Records to write to the dead-letter topic before the offsets may move.
     dead: Vec<DeadLetter>,
     next_offsets: BTreeMap<(String, i32), i64>,
@@ -163,7 +171,8 @@ impl Batch {
 
 /// A running consumer thread.
 pub struct ConsumerHandle {
-    pub id: usize,
+    /// `sink-0`, ... or `retry`: the `consumer` field of the thread's logs.
+    pub name: String,
     thread: JoinHandle<()>,
 }
 
@@ -171,13 +180,14 @@ impl ConsumerHandle {
     /// Waits for the thread to finish its last batch and close.
     pub fn join(self) {
         if self.thread.join().is_err() {
-            error!(consumer = self.id, "consumer thread panicked");
+            error!(consumer = %self.name, "consumer thread panicked");
         }
     }
 }
 
-/// Starts `consumer.threads` consumer threads. They run until `stop` is set, then flush
-/// their batch (retrying until `drain_deadline` after the stop), commit and close.
+/// Starts `consumer.threads` consumer threads and the retry-topic consumer. They run
+/// until `stop` is set, then flush their batch (retrying until `drain_deadline` after
+/// the stop), commit and close.
 ///
 /// # Errors
 /// A consumer that cannot be created or subscribed, or a thread that cannot start.
@@ -190,17 +200,28 @@ pub fn spawn_consumers(
     let cores = consumer_cores(config);
     let mut handles = Vec::new();
     for id in 0..config.consumer.threads {
-        let consumer = create_consumer(config, id, Arc::clone(&status))?;
+        let name = format!("sink-{id}");
+        let consumer = create_consumer(
+            config,
+            &name,
+            &config.consumer.group_id,
+            &config.kafka.topic,
+            Arc::clone(&status),
+        )?;
         let writer = BatchWriter::new(&config.clickhouse)?;
         let core = cores.get(id % cores.len().max(1)).copied();
-        let dead_letters = DeadLetterWriter::new(&config.kafka, &format!("sink-{id}-dead"))?;
+        let letters = SideTopicWriter::new(&config.kafka, &format!("{name}-letters"))?;
         let worker = Worker {
-            id,
+            name: name.clone(),
             consumer,
             writer,
-            dead_letters,
+            letters,
             topic: config.kafka.topic.clone(),
+            retry_attempts: config.sink.retry_topic_attempts,
+            retry_delay: Duration::from_millis(config.sink.retry_topic_delay_ms),
+            retry_delay_max: Duration::from_millis(config.sink.retry_topic_delay_max_ms),
             last_schema_log: Cell::new(None),
+            drain_until: std::cell::OnceCell::new(),
             status: Arc::clone(&status),
             stop: Arc::clone(&stop),
             max_rows: config.sink.max_batch_rows,
@@ -209,12 +230,13 @@ pub fn spawn_consumers(
             retry_max: Duration::from_millis(config.sink.retry_max_ms),
             drain_deadline,
         };
+        let thread_name = name.clone();
         let thread = std::thread::Builder::new()
-            .name(format!("sink-{id}"))
+            .name(name.clone())
             .spawn(move || {
                 if let Some(core) = core {
                     let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: core });
-                    info!(consumer = id, core, pinned, "consumer thread started");
+                    info!(consumer = %thread_name, core, pinned, "consumer thread started");
                 }
                 worker.run();
             })
@@ -222,9 +244,38 @@ pub fn spawn_consumers(
                 consumer: id,
                 source,
             })?;
-        handles.push(ConsumerHandle { id, thread });
+        handles.push(ConsumerHandle { name, thread });
     }
+    let retry = RetryWorker::new(config, Arc::clone(&status), stop, drain_deadline)?;
+    let core = cores.first().copied();
+    let id = handles.len();
+    let thread = std::thread::Builder::new()
+        .name("sink-retry".into())
+        .spawn(move || {
+            if let Some(core) = core {
+                let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: core });
+                info!(
+                    consumer = "retry",
+                    core, pinned, "retry consumer thread started"
+                );
+            }
+            retry.run();
+        })
+        .map_err(|source| ConsumeError::Spawn {
+            consumer: id,
+            source,
+        })?;
+    handles.push(ConsumerHandle {
+        name: "retry".into(),
+        thread,
+    });
     Ok(handles)
+}
+
+/// The consumer group of the retry-topic consumers: the sink's group with `.retry`
+/// appended, so joining it never rebalances the main sink.
+pub(super) fn retry_group(config: &Config) -> String {
+    format!("{}.retry", config.consumer.group_id)
 }
 
 /// Cores for consumer threads: the configured list, else the last online cores (shared
@@ -242,15 +293,18 @@ fn consumer_cores(config: &Config) -> Vec<usize> {
         .collect()
 }
 
-fn create_consumer(
+/// A consumer in `group` subscribed to `topic` that stores offsets only when told to.
+pub(super) fn create_consumer(
     config: &Config,
-    id: usize,
+    name: &str,
+    group: &str,
+    topic: &str,
     status: Arc<SinkStatus>,
 ) -> Result<BaseConsumer<SinkContext>, ConsumeError> {
     let consumer: BaseConsumer<SinkContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.consumer.group_id)
-        .set("client.id", format!("{}-sink-{id}", config.kafka.client_id))
+        .set("group.id", group)
+        .set("client.id", format!("{}-{name}", config.kafka.client_id))
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
@@ -265,31 +319,39 @@ fn create_consumer(
         )
         .set("statistics.interval.ms", "5000")
         .create_with_context(SinkContext {
-            consumer: id,
+            consumer: name.to_string(),
             status,
+            rebalances: std::sync::atomic::AtomicU64::new(0),
         })
         .map_err(|source| ConsumeError::Create {
-            consumer: id,
-            source,
+            consumer: name.to_string(),
+            source: Box::new(source),
         })?;
     consumer
-        .subscribe(&[&config.kafka.topic])
+        .subscribe(&[topic])
         .map_err(|source| ConsumeError::Subscribe {
-            consumer: id,
-            topic: config.kafka.topic.clone(),
-            source,
+            consumer: name.to_string(),
+            topic: topic.to_string(),
+            source: Box::new(source),
         })?;
     Ok(consumer)
 }
 
 struct Worker {
-    id: usize,
+    /// `sink-0`, `sink-1`, ...: the `consumer` field of its logs.
+    name: String,
     consumer: BaseConsumer<SinkContext>,
     writer: BatchWriter,
-    dead_letters: DeadLetterWriter,
-    /// The events topic, named in dead letters.
+    letters: SideTopicWriter,
+    /// The events topic, named in retry and dead letters.
     topic: String,
+    /// `sink.retry_topic_attempts`: 0 sends refused rows straight to the dead topic.
+    retry_attempts: u32,
+    retry_delay: Duration,
+    retry_delay_max: Duration,
     last_schema_log: Cell<Option<Instant>>,
+    /// Set when the stop is first seen: the end of the drain.
+    drain_until: std::cell::OnceCell<Instant>,
     status: Arc<SinkStatus>,
     stop: Arc<AtomicBool>,
     max_rows: usize,
@@ -310,34 +372,33 @@ impl Worker {
             if let Some(result) = self.consumer.poll(Duration::from_millis(100)) {
                 match result {
                     Ok(msg) => self.add(&mut batch, &msg),
-                    Err(err) => warn!(consumer = self.id, error = %err, "poll failed"),
+                    Err(err) => warn!(consumer = %self.name, error = %err, "poll failed"),
                 }
             }
             if batch.is_due(self.max_rows, self.max_age) {
-                self.flush(&mut batch, None);
+                self.flush(&mut batch);
             }
         }
 
-        let deadline = Instant::now() + self.drain_deadline;
         if !batch.is_empty() {
-            self.flush(&mut batch, Some(deadline));
+            self.flush(&mut batch);
         }
         if !batch.is_empty() {
             error!(
-                consumer = self.id,
+                consumer = %self.name,
                 batch_rows = batch.rows.len(),
                 "stopping with an uninserted batch; its offsets stay uncommitted and \
                  the rows will be consumed again"
             );
         }
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => info!(consumer = self.id, "offsets committed at close"),
-            Err(err) => debug!(consumer = self.id, error = %err, "nothing to commit at close"),
+            Ok(()) => info!(consumer = %self.name, "offsets committed at close"),
+            Err(err) => debug!(consumer = %self.name, error = %err, "nothing to commit at close"),
         }
         self.status
             .consumers_running
             .fetch_sub(1, Ordering::Relaxed);
-        info!(consumer = self.id, "consumer stopped");
+        info!(consumer = %self.name, "consumer stopped");
     }
 
     fn add(&self, batch: &mut Batch, msg: &BorrowedMessage<'_>) {
@@ -362,7 +423,7 @@ impl Worker {
                 self.status.invalid_records.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("not a valid event: {err}");
                 warn!(
-                    consumer = self.id,
+                    consumer = %self.name,
                     topic = msg.topic(),
                     partition = msg.partition(),
                     offset = msg.offset(),
@@ -376,89 +437,107 @@ impl Worker {
                     source_topic: msg.topic().to_string(),
                     source_partition: msg.partition(),
                     source_offset: msg.offset(),
+                    attempts: 0,
+                    first_error: None,
                 });
             }
         }
     }
 
     /// Writes the batch (retrying with capped exponential backoff while partitions are
-    /// paused), then stores its offsets. With a deadline (shutdown) it gives up when the
-    /// deadline passes and leaves the batch in place.
-    fn flush(&self, batch: &mut Batch, deadline: Option<Instant>) {
+    /// paused), then stores its offsets. Once a stop is requested it keeps trying until
+    /// the drain deadline only, then leaves the batch in place (uncommitted).
+    fn flush(&self, batch: &mut Batch) {
         let mut backoff = self.retry_min;
         let mut paused: Option<TopicPartitionList> = None;
+        let mut failed_attempts = 0u32;
+        let started = Instant::now();
         while let Err((kind, error)) = self.write(batch) {
-            self.status
-                .insert_failed(&error, kind == FailureKind::Schema);
-            if kind == FailureKind::Schema && self.schema_log_due() {
-                error!(
-                    consumer = self.id,
-                    batch_rows = batch.rows.len(),
-                    error,
-                    "clickhouse refuses the sink's table or grant; paused until fixed, \
-                     nothing is dropped"
-                );
-            } else {
-                warn!(consumer = self.id, batch_rows = batch.rows.len(),
-                    retry_in_ms = backoff.as_millis() as u64, kind = ?kind, error,
-                    "batch write failed, retrying");
-            }
+            failed_attempts += 1;
+            let failure = WriteFailure {
+                consumer: &self.consumer.context().consumer,
+                kind,
+                error: &error,
+                rows: batch.rows.len(),
+                retry_in: backoff,
+            };
+            report_write_failure(&failure, &self.status, &self.last_schema_log);
+            // A stop during a long outage must not hang shutdown: from then on the
+            // drain deadline applies, and what is not written stays uncommitted.
+            let deadline = self.stop.load(Ordering::Relaxed).then(|| {
+                *self
+                    .drain_until
+                    .get_or_init(|| Instant::now() + self.drain_deadline)
+            });
             if deadline.is_some_and(|d| Instant::now() + backoff > d) {
-                self.resume(paused.take());
+                resume(&self.consumer, paused.take());
                 return;
             }
             if paused.is_none() {
-                paused = self.pause();
+                paused = pause_all(&self.consumer);
             }
             self.wait_polling(batch, backoff);
             backoff = next_backoff(backoff, self.retry_max);
         }
-        self.resume(paused.take());
-        self.store_offsets(batch);
+        if failed_attempts > 0 {
+            info!(consumer = %self.name, failed_attempts,
+                stalled_ms = started.elapsed().as_millis() as u64,
+                "batch written after retries, sink resumed");
+        }
+        resume(&self.consumer, paused.take());
+        store_next_offsets(&self.consumer, &batch.next_offsets);
         *batch = Batch::default();
     }
 
     /// One attempt at writing the batch: rows first (rows refused for their content are
-    /// moved to the dead letters), then the dead letters. Parts already written are
+    /// moved to the retry or dead letters), then the letters. Parts already written are
     /// cleared from the batch, so a retry only redoes what is left.
     fn write(&self, batch: &mut Batch) -> Result<(), (FailureKind, String)> {
         if !batch.rows.is_empty() {
-            let mut refused = Vec::new();
-            self.insert_splitting(&batch.rows, 0, &mut refused)
-                .map_err(|err| (classify(&err), format!("{err}: {}", source_chain(&err))))?;
-            for (index, reason) in refused.into_iter().rev() {
-                batch.rows.remove(index);
-                let source = batch.sources.remove(index);
+            let refused =
+                insert_around_refusals(&self.writer, &self.status, &batch.rows, &self.name)
+                    .map_err(|err| (classify(&err), format!("{err}: {}", error_chain(&err))))?;
+            for refusal in refused.into_iter().rev() {
+                let source = batch.sources.swap_remove(refusal.index);
                 warn!(
-                    consumer = self.id,
+                    consumer = %self.name,
                     partition = source.partition,
                     offset = source.offset,
-                    reason,
-                    "clickhouse refused a row, dead-lettering it"
+                    reason = refusal.reason,
+                    to_retry = self.retry_attempts > 0,
+                    "clickhouse refused a row, setting it aside"
                 );
-                batch.dead.push(DeadLetter {
-                    key: source.key,
-                    payload: source.payload,
-                    reason: format!("clickhouse refused the row: {reason}"),
-                    source_topic: self.topic.clone(),
-                    source_partition: source.partition,
-                    source_offset: source.offset,
-                });
+                self.set_aside(batch, source, &refusal.reason);
             }
             batch.rows.clear();
             batch.sources.clear();
         }
+        if !batch.retries.is_empty() {
+            self.letters
+                .send_retries(&batch.retries)
+                .map_err(|err| (FailureKind::Transient, err.to_string()))?;
+            self.status
+                .retry_letters
+                .fetch_add(batch.retries.len() as u64, Ordering::Relaxed);
+            info!(
+                consumer = %self.name,
+                retry_letters = batch.retries.len(),
+                topic = self.letters.retry_topic(),
+                "refused rows written to the retry topic"
+            );
+            batch.retries.clear();
+        }
         if !batch.dead.is_empty() {
-            self.dead_letters
+            self.letters
                 .send_all(&batch.dead)
                 .map_err(|err| (FailureKind::Transient, err.to_string()))?;
             self.status
                 .dead_letters
                 .fetch_add(batch.dead.len() as u64, Ordering::Relaxed);
             info!(
-                consumer = self.id,
+                consumer = %self.name,
                 dead_letters = batch.dead.len(),
-                topic = self.dead_letters.topic(),
+                topic = self.letters.topic(),
                 "dead letters written"
             );
             batch.dead.clear();
@@ -466,54 +545,33 @@ impl Worker {
         Ok(())
     }
 
-    /// Inserts `rows`; when ClickHouse refuses them for their content, splits them in
-    /// halves until the refused rows stand alone and records their indexes (offset by
-    /// `base`) with the reason. One bad row costs about 2 log2(n) extra inserts.
-    ///
-    /// # Errors
-    /// Any failure that is not about content: the caller retries the whole batch, and
-    /// the halves already inserted are inserted again, which the dedup absorbs.
-    fn insert_splitting(
-        &self,
-        rows: &[EventRow],
-        base: usize,
-        refused: &mut Vec<(usize, String)>,
-    ) -> Result<(), SinkError> {
-        match self.writer.insert(rows) {
-            Ok(elapsed) => {
-                self.status
-                    .insert_succeeded(rows.len(), elapsed.as_micros() as u64);
-                debug!(
-                    consumer = self.id,
-                    batch_rows = rows.len(),
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "batch inserted"
-                );
-                Ok(())
-            }
-            Err(err) if classify(&err) == FailureKind::Content => {
-                if rows.len() == 1 {
-                    refused.push((base, source_chain(&err)));
-                    return Ok(());
-                }
-                let mid = rows.len() / 2;
-                self.insert_splitting(&rows[..mid], base, refused)?;
-                self.insert_splitting(&rows[mid..], base + mid, refused)
-            }
-            Err(err) => Err(err),
+    /// Queues a refused row for the retry topic, or for the dead topic when retries are
+    /// off.
+    fn set_aside(&self, batch: &mut Batch, source: RowSource, reason: &str) {
+        if self.retry_attempts == 0 {
+            batch.dead.push(DeadLetter {
+                key: source.key,
+                payload: source.payload,
+                reason: format!("clickhouse refused the row: {reason}"),
+                source_topic: self.topic.clone(),
+                source_partition: source.partition,
+                source_offset: source.offset,
+                attempts: 1,
+                first_error: None,
+            });
+            return;
         }
-    }
-
-    /// Whether a schema error should be logged at error level now (once a minute).
-    fn schema_log_due(&self) -> bool {
-        let due = self
-            .last_schema_log
-            .get()
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-        if due {
-            self.last_schema_log.set(Some(Instant::now()));
-        }
-        due
+        let delay = delay_after(1, self.retry_delay, self.retry_delay_max);
+        batch.retries.push(RetryLetter::first(
+            source.key,
+            source.payload,
+            reason,
+            &self.topic,
+            source.partition,
+            source.offset,
+            now_ms(),
+            delay,
+        ));
     }
 
     /// Sleeps for `wait` while still polling, so the group keeps this member. Records
@@ -529,86 +587,90 @@ impl Worker {
             }
         }
     }
+}
 
-    fn pause(&self) -> Option<TopicPartitionList> {
-        let assignment = self.consumer.assignment().ok()?;
-        match self.consumer.pause(&assignment) {
-            Ok(()) => Some(assignment),
-            Err(err) => {
-                warn!(consumer = self.id, error = %err, "cannot pause partitions");
-                None
-            }
-        }
+/// Records a failed write in the sink status and logs it: schema errors at error level
+/// once a minute (they need an operator), everything else as a warning per attempt.
+pub(super) fn report_write_failure(
+    failure: &WriteFailure<'_>,
+    status: &SinkStatus,
+    last_schema_log: &Cell<Option<Instant>>,
+) {
+    let schema = failure.kind == FailureKind::Schema;
+    status.insert_failed(failure.error, schema);
+    let log_due = last_schema_log
+        .get()
+        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+    if schema && log_due {
+        last_schema_log.set(Some(Instant::now()));
+        error!(
+            consumer = failure.consumer,
+            batch_rows = failure.rows,
+            error = failure.error,
+            "clickhouse refuses the sink's table or grant; paused until fixed, \
+             nothing is dropped"
+        );
+    } else {
+        warn!(consumer = failure.consumer, batch_rows = failure.rows,
+            retry_in_ms = failure.retry_in.as_millis() as u64, kind = ?failure.kind,
+            error = failure.error, "batch write failed, retrying");
     }
+}
 
-    fn resume(&self, paused: Option<TopicPartitionList>) {
-        if let Some(partitions) = paused {
-            if let Err(err) = self.consumer.resume(&partitions) {
-                warn!(consumer = self.id, error = %err, "cannot resume partitions");
-            }
-        }
-    }
+/// One failed write attempt, as [`report_write_failure`] logs it.
+pub(super) struct WriteFailure<'a> {
+    pub consumer: &'a str,
+    pub kind: FailureKind,
+    pub error: &'a str,
+    pub rows: usize,
+    pub retry_in: Duration,
+}
 
-    fn store_offsets(&self, batch: &Batch) {
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), next) in &batch.next_offsets {
-            if let Err(err) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
-                warn!(consumer = self.id, topic, partition, error = %err, "bad offset");
-            }
-        }
-        // A partition revoked while the batch was pending is refused here; its new owner
-        // re-reads those records, which the event_id dedup absorbs.
-        if let Err(err) = self.consumer.store_offsets(&tpl) {
-            warn!(consumer = self.id, error = %err,
-                "cannot store offsets; records will be re-read");
+/// Pauses every assigned partition (no more fetching while a write is retried) and
+/// returns them for [`resume`].
+pub(super) fn pause_all(consumer: &BaseConsumer<SinkContext>) -> Option<TopicPartitionList> {
+    let assignment = consumer.assignment().ok()?;
+    match consumer.pause(&assignment) {
+        Ok(()) => Some(assignment),
+        Err(err) => {
+            warn!(consumer = %consumer.context().consumer, error = %err,
+                "cannot pause partitions");
+            None
         }
     }
 }
 
-fn next_backoff(current: Duration, max: Duration) -> Duration {
-    (current * 2).min(max)
-}
-
-/// Up to 20% random jitter so consumers that failed together do not retry together.
-fn jitter(wait: Duration) -> Duration {
-    wait.mul_f64(1.0 + fastrand::f64() * 0.2)
-}
-
-/// The error's causes joined, for one log field.
-fn source_chain(err: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        parts.push(cause.to_string());
-        source = cause.source();
+pub(super) fn resume(consumer: &BaseConsumer<SinkContext>, paused: Option<TopicPartitionList>) {
+    if let Some(partitions) = paused {
+        if let Err(err) = consumer.resume(&partitions) {
+            warn!(consumer = %consumer.context().consumer, error = %err,
+                "cannot resume partitions");
+        }
     }
-    parts.join(": ")
+}
+
+/// Stores the next offset to commit per (topic, partition); auto-commit sends them.
+pub(super) fn store_next_offsets(
+    consumer: &BaseConsumer<SinkContext>,
+    next_offsets: &BTreeMap<(String, i32), i64>,
+) {
+    let name = &consumer.context().consumer;
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), next) in next_offsets {
+        if let Err(err) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            warn!(consumer = %name, topic, partition, error = %err, "bad offset");
+        }
+    }
+    // A partition revoked while the batch was pending is refused here; its new owner
+    // re-reads those records, which the event_id dedup absorbs.
+    if let Err(err) = consumer.store_offsets(&tpl) {
+        warn!(consumer = %name, error = %err, "cannot store offsets; records will be re-read");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let max = Duration::from_millis(1000);
-        let mut b = Duration::from_millis(200);
-        let mut seen = vec![];
-        for _ in 0..5 {
-            seen.push(b.as_millis());
-            b = next_backoff(b, max);
-        }
-        assert_eq!(seen, vec![200, 400, 800, 1000, 1000]);
-    }
-
-    #[test]
-    fn jitter_stays_within_twenty_percent() {
-        let base = Duration::from_millis(1000);
-        for _ in 0..100 {
-            let j = jitter(base);
-            assert!(j >= base && j <= base.mul_f64(1.2), "{j:?}");
-        }
-    }
 
     #[test]
     fn batch_is_due_on_rows_or_age() {

@@ -1,13 +1,16 @@
-//! Writes records the sink cannot store to `fanfinity.events.dead`, with the reason.
+//! Writes the sink's side topics: `fanfinity.events.retry` (rows ClickHouse refused,
+//! awaiting another attempt, see [`super::retry_letter`]) and `fanfinity.events.dead`
+//! (records that cannot be stored, with the reason).
 //!
 //! A dead letter keeps the original bytes and key, so an operator can read what arrived
 //! and replay it, plus headers saying why and where it came from:
 //! `fanfinity-reason`, `fanfinity-source-topic`, `fanfinity-source-partition`,
-//! `fanfinity-source-offset`, `fanfinity-failed-at-ms`.
+//! `fanfinity-source-offset`, `fanfinity-failed-at-ms`, and for rows ClickHouse refused,
+//! `fanfinity-attempts` and `fanfinity-first-error`.
 //!
 //! Sending is synchronous from the consumer thread's point of view: the sink stores the
-//! offsets of a batch only after every dead letter of that batch is acknowledged, so a
-//! record is never both skipped and lost.
+//! offsets of a batch only after every letter of that batch is acknowledged, so a record
+//! is never both skipped and lost.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +22,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
+use super::retry_letter::RetryLetter;
 use crate::app::config::KafkaConfig;
 
 /// Why dead letters could not be written.
@@ -44,6 +48,28 @@ pub struct DeadLetter {
     pub source_topic: String,
     pub source_partition: i32,
     pub source_offset: i64,
+    /// Inserts ClickHouse refused before the row was given up (0: never inserted, the
+    /// record is not an event).
+    pub attempts: u32,
+    /// ClickHouse's reason the first time, when it refused the row more than once.
+    pub first_error: Option<String>,
+}
+
+impl DeadLetter {
+    /// The dead letter for a retried row given up after `attempts` refusals, with
+    /// `reason` (the last refusal, or why the row could not be tried again).
+    pub fn from_retry(letter: RetryLetter, attempts: u32, reason: String) -> Self {
+        Self {
+            reason,
+            key: letter.key,
+            payload: letter.payload,
+            source_topic: letter.source_topic,
+            source_partition: letter.source_partition,
+            source_offset: letter.source_offset,
+            attempts,
+            first_error: Some(letter.first_error),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -71,16 +97,17 @@ impl ProducerContext for DeadLetterContext {
     }
 }
 
-/// The sink's producer for the dead-letter topic.
-pub struct DeadLetterWriter {
+/// The sink's producer for the retry and dead-letter topics.
+pub struct SideTopicWriter {
     producer: ThreadedProducer<DeadLetterContext>,
     outcomes: Arc<Outcomes>,
     topic: String,
+    retry_topic: String,
     timeout: Duration,
 }
 
-impl DeadLetterWriter {
-    /// An idempotent producer for `kafka.dead_topic`.
+impl SideTopicWriter {
+    /// An idempotent producer for `kafka.dead_topic` and `kafka.retry_topic`.
     ///
     /// # Errors
     /// [`DeadLetterError::Create`] when librdkafka refuses the configuration.
@@ -100,6 +127,7 @@ impl DeadLetterWriter {
             producer,
             outcomes,
             topic: config.dead_topic.clone(),
+            retry_topic: config.retry_topic.clone(),
             timeout: Duration::from_millis(u64::from(config.message_timeout_ms) + 1000),
         })
     }
@@ -109,7 +137,27 @@ impl DeadLetterWriter {
         &self.topic
     }
 
-    /// Writes every letter and waits until all are acknowledged.
+    /// The topic retry letters go to.
+    pub fn retry_topic(&self) -> &str {
+        &self.retry_topic
+    }
+
+    /// Writes every retry letter and waits until all are acknowledged.
+    ///
+    /// # Errors
+    /// As [`SideTopicWriter::send_all`].
+    pub fn send_retries(&self, letters: &[RetryLetter]) -> Result<(), DeadLetterError> {
+        self.send_confirmed(&self.retry_topic, letters.len(), |i| {
+            let letter = &letters[i];
+            (
+                letter.key.as_deref(),
+                letter.payload.as_slice(),
+                Some(letter.headers()),
+            )
+        })
+    }
+
+    /// Writes every dead letter and waits until all are acknowledged.
     ///
     /// # Errors
     /// [`DeadLetterError::NotAcknowledged`] if any letter was refused, could not be
@@ -121,7 +169,7 @@ impl DeadLetterWriter {
             .to_string();
         self.send_confirmed(&self.topic, letters.len(), |i| {
             let letter = &letters[i];
-            let headers = OwnedHeaders::new()
+            let mut headers = OwnedHeaders::new()
                 .insert(header("fanfinity-reason", &letter.reason))
                 .insert(header("fanfinity-source-topic", &letter.source_topic))
                 .insert(header(
@@ -133,6 +181,13 @@ impl DeadLetterWriter {
                     &letter.source_offset.to_string(),
                 ))
                 .insert(header("fanfinity-failed-at-ms", &failed_at));
+            if letter.attempts > 0 {
+                headers =
+                    headers.insert(header("fanfinity-attempts", &letter.attempts.to_string()));
+            }
+            if let Some(first) = &letter.first_error {
+                headers = headers.insert(header("fanfinity-first-error", first));
+            }
             (
                 letter.key.as_deref(),
                 letter.payload.as_slice(),
@@ -146,7 +201,7 @@ impl DeadLetterWriter {
     /// topic.
     ///
     /// # Errors
-    /// As [`DeadLetterWriter::send_all`].
+    /// As [`SideTopicWriter::send_all`].
     pub fn send_raw(
         &self,
         topic: &str,

@@ -16,7 +16,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 
-use super::dead_letter::DeadLetterWriter;
+use super::dead_letter::SideTopicWriter;
 use crate::app::config::KafkaConfig;
 
 /// Why reading or replaying the dead topic failed.
@@ -43,6 +43,11 @@ pub struct DeadEntry {
     pub source_partition: Option<String>,
     pub source_offset: Option<String>,
     pub failed_at_ms: Option<String>,
+    /// Inserts ClickHouse refused before the row was given up (absent for records that
+    /// are not events).
+    pub attempts: Option<String>,
+    /// ClickHouse's reason on the first of those attempts.
+    pub first_error: Option<String>,
     /// The original record, as text (lossy for bytes that are not UTF-8).
     pub payload: String,
     #[serde(skip)]
@@ -149,6 +154,8 @@ pub fn read_dead(
             source_partition: header("fanfinity-source-partition"),
             source_offset: header("fanfinity-source-offset"),
             failed_at_ms: header("fanfinity-failed-at-ms"),
+            attempts: header("fanfinity-attempts"),
+            first_error: header("fanfinity-first-error"),
             payload: String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned(),
             raw_key: msg.key().map(<[u8]>::to_vec),
             raw_payload: msg.payload().unwrap_or_default().to_vec(),
@@ -172,7 +179,7 @@ pub fn replay(config: &KafkaConfig, entries: &[DeadEntry]) -> Result<usize, Dead
         detail,
     };
     let writer =
-        DeadLetterWriter::new(config, "dead-replay").map_err(|err| failed(err.to_string()))?;
+        SideTopicWriter::new(config, "dead-replay").map_err(|err| failed(err.to_string()))?;
     let records: Vec<(Option<Vec<u8>>, Vec<u8>)> = entries
         .iter()
         .map(|e| (e.raw_key.clone(), e.raw_payload.clone()))

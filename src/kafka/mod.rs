@@ -6,4 +6,6 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod dead_topic;
 pub mod producer;
+pub mod retry_consumer;
+pub mod retry_letter;
 pub mod topics;

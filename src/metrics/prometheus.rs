@@ -173,6 +173,24 @@ fn render_sink(out: &mut String, sink: &SinkStatus) {
         "Records written to the dead-letter topic (invalid, or refused by ClickHouse).",
         sink.dead_letters.load(Ordering::Relaxed),
     );
+    counter(
+        out,
+        "fanfinity_sink_retry_letters_total",
+        "Rows ClickHouse refused, written to the retry topic for another attempt.",
+        sink.retry_letters.load(Ordering::Relaxed),
+    );
+    counter(
+        out,
+        "fanfinity_sink_retried_rows_stored_total",
+        "Rows from the retry topic that ClickHouse accepted on a later attempt.",
+        sink.retried_rows_stored.load(Ordering::Relaxed),
+    );
+    gauge(
+        out,
+        "fanfinity_sink_retry_waiting",
+        "Retry-topic records held by this process until their next attempt is due.",
+        sink.retry_waiting.load(Ordering::Relaxed),
+    );
     gauge(
         out,
         "fanfinity_sink_schema_error",

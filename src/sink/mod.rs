@@ -5,6 +5,8 @@
 //! inserted again after a crash before its offsets were committed); the table and the
 //! queries make a repeated `event_id` count once (see `migrations/0001_events.sql`).
 
+pub mod backoff;
+pub mod bisect;
 pub mod classify;
 pub mod clickhouse;
 pub mod migrate;

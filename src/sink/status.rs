@@ -56,6 +56,12 @@ pub struct SinkStatus {
     pub invalid_records: AtomicU64,
     /// Records written to the dead-letter topic.
     pub dead_letters: AtomicU64,
+    /// Rows ClickHouse refused, written to the retry topic.
+    pub retry_letters: AtomicU64,
+    /// Rows from the retry topic stored on a later attempt.
+    pub retried_rows_stored: AtomicU64,
+    /// Retry-topic records read and waiting for their due time.
+    pub retry_waiting: AtomicU64,
     pub batch_rows: Mutex<Recorder>,
     pub insert_us: Mutex<Recorder>,
     /// Consumer lag per (topic, partition), from librdkafka statistics.
@@ -77,6 +83,9 @@ impl Default for SinkStatus {
             insert_failures: AtomicU64::new(0),
             invalid_records: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
+            retry_letters: AtomicU64::new(0),
+            retried_rows_stored: AtomicU64::new(0),
+            retry_waiting: AtomicU64::new(0),
             batch_rows: Mutex::new(Recorder::new(10_000_000)),
             insert_us: Mutex::new(Recorder::default()),
             lag: Mutex::new(BTreeMap::new()),

@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod private_clickhouse;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -539,10 +541,18 @@ impl PrivateBroker {
                 command
             }
         };
+        // The broker's own log, kept beside the servers' for a failed run.
+        let log_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-logs");
+        std::fs::create_dir_all(&log_dir).expect("create target/test-logs");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("tansu-{}.log", self.port)))
+            .expect("open broker log");
         let child = command
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start tansu (run `make stack-up` / `scripts/stack.sh install-durable`)");
         self.child = Some(child);

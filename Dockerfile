@@ -35,6 +35,9 @@ RUN apt-get update \
 
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin fanfinity
 COPY --from=builder /out/fanfinity /usr/local/bin/fanfinity
+# The PUBLIC development keys, for `docker compose up` on a laptop only; a deployment
+# mounts its own file with keys made by `fanfinity keys new`.
+COPY scripts/dev.toml /etc/fanfinity/dev.toml
 
 USER fanfinity
 ENV FANFINITY_HTTP__LISTEN=0.0.0.0:8080

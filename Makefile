@@ -44,7 +44,7 @@ build:
 # exec hands the terminal's Ctrl-C straight to cargo and the server.
 run: stack-up
 	$(raise_memlock); $(stack_env); \
-	exec $(CARGO) run --release --bin fanfinity -- serve
+	exec $(CARGO) run --release --bin fanfinity -- serve --config scripts/dev.toml
 
 test: stack-up
 	$(raise_memlock); $(stack_env); \

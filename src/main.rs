@@ -8,10 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use fanfinity::app::config::{Config, Overrides};
 use fanfinity::app::context::{AppContext, Roles};
 use fanfinity::app::{limits, shutdown};
+use fanfinity::auth::{KeySet, Role};
 use fanfinity::kafka::dead_topic::{self, DeadFilter};
 use fanfinity::kafka::topics::TopicAdmin;
 use fanfinity::sink::migrate;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -70,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         action: DeadAction,
     },
+    /// API keys: make one (the plain key is printed once, with its config entry).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Print the effective configuration (secrets redacted).
     Config {
         /// Validate only: exit non-zero with the reason if the configuration is invalid.
@@ -97,6 +103,26 @@ struct DeadArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum KeysAction {
+    /// Make a key; prints the key (give it to the client) and the `[[auth.keys]]` entry
+    /// (put it in the configuration; it holds only a salted hash).
+    New {
+        /// Who uses the key, for operators ("android app", "ops dashboard").
+        #[arg(long)]
+        name: String,
+        /// What the key may do; repeat for both.
+        #[arg(long = "role", value_enum, required = true)]
+        roles: Vec<KeyRole>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum KeyRole {
+    Ingest,
+    Read,
+}
+
+#[derive(Subcommand, Debug)]
 enum TopicsAction {
     /// Create the events, retry and dead-letter topics if missing.
     Create,
@@ -114,7 +140,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
-    match run(cli.command.unwrap_or(Command::Serve), config) {
+    match run(cli.command.unwrap_or(Command::Serve), config, &cli.global) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = format!("{err:#}"), "fanfinity failed");
@@ -162,11 +188,32 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn run(command: Command, config: Config) -> Result<()> {
+fn run(command: Command, config: Config, global: &GlobalArgs) -> Result<()> {
     match command {
-        Command::Serve => run_service(config, Roles::SERVE),
-        Command::Ingest => run_service(config, Roles::INGEST),
-        Command::Consume => run_service(config, Roles::CONSUME),
+        Command::Serve => run_service(config, Roles::SERVE, global),
+        Command::Ingest => run_service(config, Roles::INGEST, global),
+        Command::Consume => run_service(config, Roles::CONSUME, global),
+        Command::Keys {
+            action: KeysAction::New { name, roles },
+        } => {
+            let roles = roles
+                .iter()
+                .map(|r| match r {
+                    KeyRole::Ingest => Role::Ingest,
+                    KeyRole::Read => Role::Read,
+                })
+                .collect();
+            let made = fanfinity::auth::keys::new_key(&name, roles)?;
+            let entry = toml::to_string(&KeysFile {
+                auth: KeysSection {
+                    keys: vec![made.entry],
+                },
+            })?;
+            println!("# key (give it to the client; it is not stored anywhere):");
+            println!("# {}", made.key);
+            println!("{entry}");
+            Ok(())
+        }
         Command::Topics { action } => {
             let admin = TopicAdmin::new(&config.kafka)?;
             let states = match action {
@@ -238,12 +285,78 @@ fn run(command: Command, config: Config) -> Result<()> {
     }
 }
 
-fn run_service(config: Config, roles: Roles) -> Result<()> {
+/// The shape `keys new` prints: an `[[auth.keys]]` entry.
+#[derive(serde::Serialize)]
+struct KeysFile {
+    auth: KeysSection,
+}
+
+#[derive(serde::Serialize)]
+struct KeysSection {
+    keys: Vec<fanfinity::auth::KeyEntry>,
+}
+
+fn run_service(config: Config, roles: Roles, global: &GlobalArgs) -> Result<()> {
     limits::raise_limits();
+    if roles.ingest {
+        check_keys(&config)?;
+    }
+    let signals = shutdown::install().context("cannot install signal handlers")?;
     info!(roles = ?roles, config = %config.redacted_toml(), "starting fanfinity");
     let context = AppContext::start(config, roles).context("start-up failed")?;
-    info!("fanfinity running; SIGTERM or Ctrl-C to stop");
-    shutdown::wait_for_signal().context("cannot install signal handlers")?;
+    info!("fanfinity running; SIGTERM or Ctrl-C to stop, SIGHUP to reload keys");
+    let auth = context.auth();
+    shutdown::wait_for_signal(signals, || reload_keys(global, &auth))
+        .context("cannot install signal handlers")?;
     context.shutdown();
     Ok(())
+}
+
+/// Refuses to serve events with auth on and no key that may post them; warns when auth
+/// is off or the public development keys are in force.
+fn check_keys(config: &Config) -> Result<()> {
+    if !config.auth.enabled {
+        warn!("auth.enabled = false: anyone who reaches this port may post and read events");
+        return Ok(());
+    }
+    if !config
+        .auth
+        .keys
+        .iter()
+        .any(|k| k.roles.contains(&Role::Ingest))
+    {
+        anyhow::bail!(
+            "auth.enabled is true but no key has the ingest role: make one with \
+             `fanfinity keys new --name NAME --role ingest` and add the printed entry, or \
+             set auth.enabled = false (development only)"
+        );
+    }
+    for (id, key) in fanfinity::auth::dev::in_use(config.auth.keys.iter().map(|k| k.id.clone())) {
+        warn!(key_id = %id, key = %key,
+            "PUBLIC development key in force (scripts/dev.toml); never deploy it");
+    }
+    Ok(())
+}
+
+/// SIGHUP: reads the configuration again and replaces the key set if it is valid. Other
+/// settings need a restart.
+fn reload_keys(global: &GlobalArgs, auth: &fanfinity::auth::AuthState) {
+    let loaded = load_config(global).and_then(|config| {
+        KeySet::from_entries(&config.auth.keys)
+            .map_err(anyhow::Error::from)
+            .map(|keys| (config, keys))
+    });
+    match loaded {
+        Ok((config, keys)) => {
+            if config.auth.enabled != auth.enabled {
+                warn!("auth.enabled changed; that takes a restart, the keys were reloaded");
+            }
+            info!(keys = keys.len(), "keys reloaded");
+            auth.replace(keys);
+        }
+        Err(err) => error!(
+            error = format!("{err:#}"),
+            "reload refused; the old keys stay"
+        ),
+    }
 }

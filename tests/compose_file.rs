@@ -206,7 +206,10 @@ fn fanfinity_is_configured_for_the_compose_network() {
     for (key, value) in expected {
         assert_eq!(env_var(fanfinity, key).as_deref(), Some(value), "{key}");
     }
-    assert_eq!(command_text(&fanfinity["command"]), "fanfinity serve");
+    assert_eq!(
+        command_text(&fanfinity["command"]),
+        "fanfinity serve --config /etc/fanfinity/dev.toml"
+    );
 }
 
 #[test]

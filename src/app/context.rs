@@ -15,6 +15,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use super::config::Config;
+use crate::auth::{AuthState, KeySet};
 use crate::ingest::server::{shard_metrics, start_shards, ServerError, Shards};
 use crate::ingest::state::IngestShared;
 use crate::kafka::consumer::{spawn_consumers, ConsumeError, ConsumerHandle};
@@ -87,6 +88,8 @@ pub struct AppContext {
     stopping: Arc<AtomicBool>,
     /// Set after the producer is flushed: consumers finish their batch and leave.
     consumers_stop: Arc<AtomicBool>,
+    /// The API keys in force; [`AppContext::auth`] lets SIGHUP replace them.
+    auth: Arc<AuthState>,
 }
 
 impl AppContext {
@@ -100,6 +103,9 @@ impl AppContext {
         let stopping = Arc::new(AtomicBool::new(false));
         let consumers_stop = Arc::new(AtomicBool::new(false));
         let sink_status = Arc::new(SinkStatus::default());
+        // validate() already refused malformed entries, so this cannot fail here.
+        let keys = KeySet::from_entries(&config.auth.keys).unwrap_or_default();
+        let auth = Arc::new(AuthState::new(config.auth.enabled, keys));
 
         let topics = TopicAdmin::new(&config.kafka)?;
         let broker_answered = match topics.ensure() {
@@ -162,6 +168,7 @@ impl AppContext {
                     shard_metrics: shard_metrics(config.shard_count()),
                     sink: roles.sink.then(|| Arc::clone(&sink_status)),
                     stopping: Arc::clone(&stopping),
+                    auth: Arc::clone(&auth),
                 });
                 Some(start_shards(shared)?)
             }
@@ -178,7 +185,13 @@ impl AppContext {
             consumers,
             stopping,
             consumers_stop,
+            auth,
         })
+    }
+
+    /// The key set the shards check, for replacing it at run time.
+    pub fn auth(&self) -> Arc<AuthState> {
+        Arc::clone(&self.auth)
     }
 
     /// The sink's shared status (consumers running, ClickHouse state).

@@ -20,27 +20,45 @@
 
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+pub use signal_hook::iterator::Signals;
 use tracing::{info, warn};
 
 /// Signals this soon after the first are taken as repeats of it.
 const SAME_REQUEST: Duration = Duration::from_secs(2);
 
-/// Blocks until SIGTERM or SIGINT, then arms the "second signal exits now" handler.
+/// Takes over SIGTERM, SIGINT and SIGHUP. Call it before anything starts: until then
+/// SIGHUP's default action would kill the process.
 ///
 /// # Errors
 /// The signal handlers cannot be installed.
-pub fn wait_for_signal() -> std::io::Result<i32> {
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
-    let first = signals.forever().next().unwrap_or(SIGTERM);
+pub fn install() -> std::io::Result<Signals> {
+    Signals::new([SIGTERM, SIGINT, SIGHUP])
+}
+
+/// Blocks until SIGTERM or SIGINT, calling `on_reload` for every SIGHUP meanwhile, then
+/// arms the "second signal exits now" handler.
+///
+/// # Errors
+/// The signal handlers cannot be installed.
+pub fn wait_for_signal(mut signals: Signals, mut on_reload: impl FnMut()) -> std::io::Result<i32> {
+    let mut first = SIGTERM;
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            info!(signal, "reload requested");
+            on_reload();
+            continue;
+        }
+        first = signal;
+        break;
+    }
     let requested = Instant::now();
     info!(signal = first, "shutdown requested");
     std::thread::Builder::new()
         .name("second-signal".into())
         .spawn(move || {
             for second in signals.forever() {
-                if requested.elapsed() < SAME_REQUEST {
+                if second == SIGHUP || requested.elapsed() < SAME_REQUEST {
                     continue;
                 }
                 warn!(

@@ -57,4 +57,21 @@ mod tests {
         assert_eq!(in_use([read_key().entry.id]).len(), 1);
         assert!(in_use(["0011223344556677".to_string()]).is_empty());
     }
+
+    #[test]
+    fn scripts_dev_toml_holds_exactly_these_keys() {
+        #[derive(serde::Deserialize)]
+        struct File {
+            auth: Section,
+        }
+        #[derive(serde::Deserialize)]
+        struct Section {
+            keys: Vec<crate::auth::KeyEntry>,
+        }
+        let file: File =
+            toml::from_str(include_str!("../../scripts/dev.toml")).expect("dev.toml parses");
+        assert_eq!(file.auth.keys, vec![ingest_key().entry, read_key().entry]);
+        let text = include_str!("../../scripts/dev.toml");
+        assert!(text.contains(&ingest_key().key) && text.contains(&read_key().key));
+    }
 }

@@ -5,6 +5,7 @@ use http::StatusCode;
 use serde::Serialize;
 
 use super::validate::FieldError;
+use crate::auth::Denied;
 use crate::kafka::producer::ProduceError;
 use crate::query::QueryError;
 
@@ -52,6 +53,8 @@ pub enum IngestError {
     Query(#[from] QueryError),
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Denied(#[from] Denied),
     #[error("shard {shard} is at its in-flight limit ({requests} requests, {bytes} body bytes)")]
     ShardBusy {
         shard: usize,
@@ -102,6 +105,8 @@ impl IngestError {
             },
             IngestError::Query(err) => err.status_and_code(),
             IngestError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            IngestError::Denied(Denied::Forbidden { .. }) => (StatusCode::FORBIDDEN, "forbidden"),
+            IngestError::Denied(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             IngestError::ShardBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -20,6 +20,7 @@ use uuid::Uuid;
 use super::decode::{decode_events, BodyFormat};
 use super::error::IngestError;
 use super::state::{IngestShared, ShardContext};
+use crate::auth::{Presented, Role};
 use crate::kafka::producer::{OutgoingRecord, ProduceError};
 use crate::metrics::prometheus::{ProducerView, Sources};
 use crate::metrics::shard::{RequestTimer, Route};
@@ -57,9 +58,15 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
         })
     };
     match (segments.as_slice(), &method) {
-        (["v1", "events"], &Method::POST) => (Route::Events, post_events(ctx, req).await),
+        (["v1", "events"], &Method::POST) => match authorize(ctx, &req, Role::Ingest) {
+            Ok(()) => (Route::Events, post_events(ctx, req).await),
+            Err(err) => (Route::Events, Err(err)),
+        },
         (["v1", "events"], _) => (Route::Events, not_allowed("POST")),
         (["v1", "matches", match_id, "metrics"], &Method::GET) => {
+            if let Err(err) = authorize(ctx, &req, Role::Read) {
+                return (Route::Query, Err(err));
+            }
             let params = MetricsParams::parse(match_id, req.uri().query());
             (Route::Query, match_metrics(ctx, params).await)
         }
@@ -79,6 +86,25 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
                 path: path.clone(),
             }),
         ),
+    }
+}
+
+/// Checks the request's key for `role` before anything else is read, so a request
+/// without the right key is refused without its body (and, with `Expect:
+/// 100-continue`, without asking for it).
+fn authorize(ctx: &ShardContext, req: &Request<Incoming>, role: Role) -> Result<(), IngestError> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let presented = Presented {
+        authorization: header("authorization"),
+        api_key: header("x-fanfinity-key"),
+    };
+    match ctx.keys.check(&ctx.shared.auth, presented, role) {
+        Ok(_) => Ok(()),
+        Err(denied) => {
+            // The key id is public; the key itself is never logged.
+            debug!(shard = ctx.shard, role = %role, reason = %denied, "request not authorized");
+            Err(IngestError::Denied(denied))
+        }
     }
 }
 
@@ -274,6 +300,12 @@ fn error_response(err: &IngestError, shared: &Arc<IngestShared>) -> HttpResponse
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let IngestError::MethodNotAllowed { allow, .. } = err {
         headers.insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"fanfinity\""),
+        );
     }
     if err.is_retryable() {
         headers.insert(

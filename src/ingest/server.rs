@@ -31,6 +31,7 @@ use super::http_io::HyperStream;
 use super::inflight::InFlight;
 use super::listener::{Acceptor, ShardListener};
 use super::state::{IngestShared, LocalStop, ShardContext};
+use crate::auth::ShardKeys;
 use crate::metrics::shard::ShardMetrics;
 
 /// How often an idle shard checks the process-wide stop flag.
@@ -158,12 +159,14 @@ async fn run_shard(
         shared.config.http.max_inflight_requests,
         shared.config.http.max_inflight_bytes,
     );
+    let shared_auth = Arc::clone(&shared.auth);
     let ctx = Rc::new(ShardContext {
         shard,
         metrics: Arc::clone(&shared.shard_metrics[shard]),
         shared,
         stop: Rc::new(LocalStop::default()),
         inflight,
+        keys: ShardKeys::new(&shared_auth),
     });
     let connections = Rc::new(Cell::new(0usize));
 

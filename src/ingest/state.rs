@@ -12,6 +12,7 @@ use std::task::{Context, Poll, Waker};
 
 use super::inflight::InFlight;
 use crate::app::config::Config;
+use crate::auth::{AuthState, ShardKeys};
 use crate::kafka::producer::EventProducer;
 use crate::metrics::shard::ShardMetrics;
 use crate::query::runtime::QueryRuntime;
@@ -29,6 +30,8 @@ pub struct IngestShared {
     pub sink: Option<Arc<SinkStatus>>,
     /// Set once at shutdown: stop accepting, refuse new events, finish in-flight ones.
     pub stopping: Arc<AtomicBool>,
+    /// The API keys in force (replaced on SIGHUP).
+    pub auth: Arc<AuthState>,
 }
 
 /// One shard's view: its id, its metrics and its local stop signal.
@@ -39,6 +42,8 @@ pub struct ShardContext {
     pub stop: Rc<LocalStop>,
     /// This shard's bound on event requests in progress.
     pub inflight: Rc<InFlight>,
+    /// This shard's copy of the key set, refreshed when it is replaced.
+    pub keys: ShardKeys,
 }
 
 /// A shard-local "stop now" signal that many connection tasks can await without each

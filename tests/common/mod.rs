@@ -73,6 +73,8 @@ impl Names {
             format!("consumer.group_id=\"{}.sink\"", self.prefix),
             format!("clickhouse.url=\"{}\"", clickhouse_url()),
             format!("clickhouse.database=\"{}\"", self.database),
+            // Keys are tested in tests/auth.rs; here they would only add noise.
+            "auth.enabled=false".to_string(),
         ]
     }
 }
@@ -89,8 +91,23 @@ impl Server {
     /// Starts `fanfinity <command>` with the test's names and extra `--set` pairs. For
     /// `serve` and `ingest`, waits until `/readyz` answers 200.
     pub fn start(command: &str, names: &Names, brokers: &str, extra: &[&str]) -> Self {
+        Self::start_with_config(command, names, brokers, None, extra)
+    }
+
+    /// As [`Server::start`], reading `config` (a TOML file) under the `--set` pairs.
+    pub fn start_with_config(
+        command: &str,
+        names: &Names,
+        brokers: &str,
+        config: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> Self {
         let port = free_port();
         let mut args = vec![command.to_string(), "--shards".into(), "2".into()];
+        if let Some(config) = config {
+            args.push("--config".into());
+            args.push(config.display().to_string());
+        }
         let mut sets = names.settings(brokers);
         sets.push(format!("http.listen=\"127.0.0.1:{port}\""));
         sets.extend(extra.iter().map(|s| s.to_string()));

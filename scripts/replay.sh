@@ -85,6 +85,10 @@ set_server_urls() {
     READY_URL=$BASE_URL/readyz
 }
 
+# The public development keys of scripts/dev.toml (also in the README).
+DEV_INGEST_KEY=ffk_de0e010000000001_111111111111111111111111111111111111111111111111
+DEV_READ_KEY=ffk_de0e020000000002_222222222222222222222222222222222222222222222222
+
 main() {
     cd "$ROOT"
     [[ -f $MATCH ]] || die "no match file at $MATCH"
@@ -104,9 +108,9 @@ main() {
         || die "something already answers at $READY_URL; stop it first"
 
     log "starting $SERVER_BIN serve (log: $SERVER_LOG)"
-    # Auth off, explicitly: the loadtest client sends no API key yet (issue 4 note), so
-    # replays measure ingest without the key check.
-    "$SERVER_BIN" serve --set auth.enabled=false >"$SERVER_LOG" 2>&1 </dev/null &
+    # The public development keys (scripts/dev.toml): the replay sends them, so it
+    # measures ingest with the key check on, as deployed.
+    "$SERVER_BIN" serve --config "$ROOT/scripts/dev.toml" >"$SERVER_LOG" 2>&1 </dev/null &
     SERVER_PID=$!
     wait_ready
     log "server ready (pid $SERVER_PID), replaying $MATCH"
@@ -114,7 +118,8 @@ main() {
     local replay_status=0 server_status=0
     # --url and --clickhouse-url repeat loadtest's defaults unless the stack was moved.
     "$CARGO" run --release -p loadtest -- replay --match "$MATCH" \
-        --url "$BASE_URL" --clickhouse-url "$FANFINITY_CLICKHOUSE__URL" || replay_status=$?
+        --url "$BASE_URL" --clickhouse-url "$FANFINITY_CLICKHOUSE__URL" \
+        --ingest-key "$DEV_INGEST_KEY" --read-key "$DEV_READ_KEY" || replay_status=$?
 
     stop_server || server_status=$?
     if ((server_status != 0)); then

@@ -199,11 +199,15 @@ impl Connection {
             return Err(SendError::Body("connection vanished".into()));
         };
 
-        let request = Request::builder()
+        let mut builder = Request::builder()
             .method(method)
             .uri(self.target.path(path))
             .header(HOST, self.target.authority.as_str())
-            .header(CONTENT_TYPE, content_type)
+            .header(CONTENT_TYPE, content_type);
+        if let Some(key) = &self.target.api_key {
+            builder = builder.header("x-fanfinity-key", key.as_str());
+        }
+        let request = builder
             .body(Full::new(body))
             .map_err(SendError::Build)?;
         let response = sender

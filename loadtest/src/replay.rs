@@ -48,6 +48,13 @@ pub struct ReplayArgs {
     /// Base URL of the fanfinity server (loopback only unless --allow-remote).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// API key with the ingest role, sent with every post (none: the server runs with
+    /// auth off).
+    #[arg(long)]
+    pub ingest_key: Option<String>,
+    /// API key with the read role, for the metrics-endpoint checks of the verification.
+    #[arg(long)]
+    pub read_key: Option<String>,
 
     /// Match file with periods and key moments.
     #[arg(long = "match", default_value = "loadtest/matches/wc2022-final.json")]
@@ -298,7 +305,9 @@ async fn pace(mut p: Pacing<'_>, pool: &Pool, stats: &Stats) -> Result<bool> {
 pub async fn run(args: ReplayArgs) -> Result<Outcome> {
     // Flags, targets and match file: refuse before sending anything.
     args.check()?;
-    let server = Arc::new(Target::resolve(&args.url, args.allow_remote).await?);
+    let resolved = Target::resolve(&args.url, args.allow_remote).await?;
+    let server = Arc::new(resolved.with_key(args.ingest_key.clone()));
+    let reader = Arc::new(resolved.with_key(args.read_key.clone()));
     let clickhouse = if args.no_verify {
         None
     } else {
@@ -408,7 +417,7 @@ pub async fn run(args: ReplayArgs) -> Result<Outcome> {
     let verification = match clickhouse {
         Some(clickhouse) => {
             let plan = VerifyPlan {
-                server: Arc::clone(&server),
+                server: Arc::clone(&reader),
                 clickhouse,
                 database: args.clickhouse_db.clone(),
                 match_id: match_id.clone(),

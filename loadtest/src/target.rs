@@ -20,6 +20,8 @@ pub struct Target {
     pub base_path: String,
     /// The resolved address every connection goes to.
     pub addr: SocketAddr,
+    /// Sent as `X-Fanfinity-Key` with every request, when set.
+    pub api_key: Option<String>,
 }
 
 /// The parts of a URL before name resolution.
@@ -103,7 +105,16 @@ impl Target {
             authority: parsed.authority,
             base_path: parsed.base_path,
             addr,
+            api_key: None,
         })
+    }
+
+    /// The same endpoint, sending `key` as `X-Fanfinity-Key`.
+    pub fn with_key(&self, key: Option<String>) -> Target {
+        Target {
+            api_key: key,
+            ..self.clone()
+        }
     }
 
     /// The request target (origin form) for `path_and_query` under this URL.

@@ -512,37 +512,13 @@ impl Worker {
             batch.rows.clear();
             batch.sources.clear();
         }
-        if !batch.retries.is_empty() {
-            self.letters
-                .send_retries(&batch.retries)
-                .map_err(|err| (FailureKind::Transient, err.to_string()))?;
-            self.status
-                .retry_letters
-                .fetch_add(batch.retries.len() as u64, Ordering::Relaxed);
-            info!(
-                consumer = %self.name,
-                retry_letters = batch.retries.len(),
-                topic = self.letters.retry_topic(),
-                "refused rows written to the retry topic"
-            );
-            batch.retries.clear();
-        }
-        if !batch.dead.is_empty() {
-            self.letters
-                .send_all(&batch.dead)
-                .map_err(|err| (FailureKind::Transient, err.to_string()))?;
-            self.status
-                .dead_letters
-                .fetch_add(batch.dead.len() as u64, Ordering::Relaxed);
-            info!(
-                consumer = %self.name,
-                dead_letters = batch.dead.len(),
-                topic = self.letters.topic(),
-                "dead letters written"
-            );
-            batch.dead.clear();
-        }
-        Ok(())
+        send_letters(
+            &self.letters,
+            &self.status,
+            &self.name,
+            &mut batch.retries,
+            &mut batch.dead,
+        )
     }
 
     /// Queues a refused row for the retry topic, or for the dead topic when retries are
@@ -587,6 +563,49 @@ impl Worker {
             }
         }
     }
+}
+
+/// Writes the retry and dead letters a write produced, waits for every acknowledgement,
+/// counts them, and clears each list once it is acknowledged (so a repeat after a
+/// failure only resends what is left).
+pub(super) fn send_letters(
+    letters: &SideTopicWriter,
+    status: &SinkStatus,
+    consumer: &str,
+    retries: &mut Vec<RetryLetter>,
+    dead: &mut Vec<DeadLetter>,
+) -> Result<(), (FailureKind, String)> {
+    if !retries.is_empty() {
+        letters
+            .send_retries(retries)
+            .map_err(|err| (FailureKind::Transient, err.to_string()))?;
+        status
+            .retry_letters
+            .fetch_add(retries.len() as u64, Ordering::Relaxed);
+        info!(
+            consumer,
+            retry_letters = retries.len(),
+            topic = letters.retry_topic(),
+            "refused rows written to the retry topic"
+        );
+        retries.clear();
+    }
+    if !dead.is_empty() {
+        letters
+            .send_all(dead)
+            .map_err(|err| (FailureKind::Transient, err.to_string()))?;
+        status
+            .dead_letters
+            .fetch_add(dead.len() as u64, Ordering::Relaxed);
+        info!(
+            consumer,
+            dead_letters = dead.len(),
+            topic = letters.topic(),
+            "dead letters written"
+        );
+        dead.clear();
+    }
+    Ok(())
 }
 
 /// Records a failed write in the sink status and logs it: schema errors at error level

@@ -39,8 +39,8 @@ use rdkafka::TopicPartitionList;
 use tracing::{debug, info, warn};
 
 use super::consumer::{
-    create_consumer, pause_all, report_write_failure, resume, retry_group, store_next_offsets,
-    ConsumeError, SinkContext, WriteFailure,
+    create_consumer, pause_all, report_write_failure, resume, retry_group, send_letters,
+    store_next_offsets, ConsumeError, SinkContext, WriteFailure,
 };
 use super::dead_letter::{DeadLetter, SideTopicWriter};
 use super::retry_letter::{delay_after, now_ms, RetryLetter};
@@ -350,31 +350,13 @@ impl RetryWorker {
             }
             attempt.rows.clear();
         }
-        if !attempt.retries.is_empty() {
-            self.letters
-                .send_retries(&attempt.retries)
-                .map_err(|err| (FailureKind::Transient, err.to_string()))?;
-            self.status
-                .retry_letters
-                .fetch_add(attempt.retries.len() as u64, Ordering::Relaxed);
-            attempt.retries.clear();
-        }
-        if !attempt.dead.is_empty() {
-            self.letters
-                .send_all(&attempt.dead)
-                .map_err(|err| (FailureKind::Transient, err.to_string()))?;
-            self.status
-                .dead_letters
-                .fetch_add(attempt.dead.len() as u64, Ordering::Relaxed);
-            info!(
-                consumer = NAME,
-                dead_letters = attempt.dead.len(),
-                topic = self.letters.topic(),
-                "dead letters written"
-            );
-            attempt.dead.clear();
-        }
-        Ok(())
+        send_letters(
+            &self.letters,
+            &self.status,
+            NAME,
+            &mut attempt.retries,
+            &mut attempt.dead,
+        )
     }
 
     /// Routes a row refused once more: another retry letter, or a dead letter when its

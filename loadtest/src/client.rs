@@ -207,9 +207,7 @@ impl Connection {
         if let Some(key) = &self.target.api_key {
             builder = builder.header("x-fanfinity-key", key.as_str());
         }
-        let request = builder
-            .body(Full::new(body))
-            .map_err(SendError::Build)?;
+        let request = builder.body(Full::new(body)).map_err(SendError::Build)?;
         let response = sender
             .send_request(request)
             .await

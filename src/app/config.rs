@@ -28,6 +28,7 @@ pub struct Config {
     pub query: QueryConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    pub limits: LimitsConfig,
 }
 
 /// The ingest HTTP server.
@@ -46,6 +47,11 @@ pub struct HttpConfig {
     /// Most events in one request; a goal spike is absorbed by more requests, not
     /// unbounded ones.
     pub max_events_per_request: usize,
+    /// Longest a request body may take to arrive, from the first read to its last byte.
+    /// Past it: 408 `request_timeout` and the connection is closed, so a client that
+    /// stops mid-body gives back its in-flight slot. 10 s carries a full `max_body_bytes`
+    /// body at 100 KB/s; event bodies are a few KB.
+    pub body_read_timeout_ms: u64,
     /// Event requests one shard works on at once; past it, 503 `overloaded` at once.
     pub max_inflight_requests: usize,
     /// Body bytes one shard's in-progress event requests may hold (declared length, or
@@ -64,6 +70,31 @@ pub struct HttpConfig {
     /// Locked memory glommio reserves per executor for registered I/O buffers. Ingest
     /// does no file I/O, so this stays small; see `tuning/README.md`.
     pub io_memory_bytes: usize,
+    /// Origins whose browser pages may post events (CORS), as `scheme://host[:port]`.
+    /// Empty: no CORS headers at all. `["*"]`: any origin; fanfinity never sends
+    /// `Access-Control-Allow-Credentials`, so keys travel in headers set by the page, not
+    /// in cookies.
+    pub cors_allowed_origins: Vec<String>,
+    /// `Access-Control-Max-Age` of a preflight answer: how long a browser may reuse it.
+    /// Browsers cap it (Chromium at 7200 s).
+    pub cors_max_age_secs: u64,
+    /// How long a client has to send a whole request head (request line and headers),
+    /// counted from the connection's accept or from the first byte after an idle
+    /// keep-alive pause. Past it: 408 with a JSON body, then close. Bounds what a
+    /// slowloris client can hold; see docs/connections.md.
+    pub header_read_timeout_ms: u64,
+    /// How long a keep-alive connection may sit idle between requests before it is
+    /// closed without an answer. Kept above the 60 s idle timeout common load balancers
+    /// use, so a balancer always closes first and never sends into a socket we closed.
+    pub idle_timeout_ms: u64,
+    /// Open connections one shard serves at once; a connection past it is answered 503
+    /// `too_many_connections` with `Retry-After` and closed, without touching the others.
+    pub max_connections_per_shard: usize,
+    /// A second address serving only `/metrics`, `/healthz` and `/readyz` (shard 0 binds
+    /// it); when set, the public listener answers 404 for those. Unset: they are public,
+    /// as before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Default for HttpConfig {
@@ -74,6 +105,7 @@ impl Default for HttpConfig {
             first_core: 0,
             max_body_bytes: 1024 * 1024,
             max_events_per_request: 1000,
+            body_read_timeout_ms: 10_000,
             max_inflight_requests: 4096,
             max_inflight_bytes: 256 * 1024 * 1024,
             ack_timeout_ms: 5_000,
@@ -81,6 +113,12 @@ impl Default for HttpConfig {
             shutdown_grace_ms: 10_000,
             listen_backlog: 4096,
             io_memory_bytes: 512 * 1024,
+            cors_allowed_origins: Vec::new(),
+            cors_max_age_secs: 600,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 75_000,
+            max_connections_per_shard: 10_000,
+            admin_listen: None,
         }
     }
 }
@@ -123,6 +161,11 @@ pub struct KafkaConfig {
     /// Fraction of `queue_max_messages` above which new requests get 503 and `/readyz`
     /// fails, so a load balancer drains the node before the queue overflows.
     pub queue_ready_fraction: f64,
+    /// Largest Kafka record one event may become (key, value and librdkafka's per-record
+    /// overhead). An event past it gets 413 `event_too_large` at ingest instead of being
+    /// accepted and then failed by the producer. The default and the ceiling are
+    /// librdkafka's `message.max.bytes` default, which the producer leaves in force.
+    pub max_message_bytes: usize,
 }
 
 impl Default for KafkaConfig {
@@ -145,6 +188,7 @@ impl Default for KafkaConfig {
             flush_timeout_ms: 10_000,
             admin_timeout_ms: 5_000,
             queue_ready_fraction: 0.8,
+            max_message_bytes: 1_000_000,
         }
     }
 }
@@ -335,6 +379,44 @@ impl Default for AuthConfig {
     }
 }
 
+/// Rate limits, enforced by each shard on its own (see `src/ingest/rate_limit.rs` and
+/// `docs/rate-limits.md`). A rate of 0 turns its limit off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Events per second one API key may post to one shard. An app key carries every
+    /// fan of that app, so this is a ceiling against a leaked key or a runaway client,
+    /// not a per-fan allowance; the default is about half of what one shard produces.
+    pub per_key_events_per_sec: u32,
+    /// Events a key may post at once above its rate (a goal). At least
+    /// `http.max_events_per_request`, so every valid request can pass.
+    pub per_key_burst: u32,
+    /// API requests per second from one client address to one shard. Generous: a
+    /// carrier-grade NAT puts hundreds or thousands of fans behind one IPv4 address.
+    pub per_ip_requests_per_sec: u32,
+    /// Requests one address may send at once above its rate.
+    pub per_ip_burst: u32,
+    /// Most buckets a shard tracks per limit; past it the fullest are forgotten (those
+    /// clients start again with a full burst). About 100 bytes each.
+    pub max_buckets_per_shard: usize,
+    /// Count clients by the last `X-Forwarded-For` address instead of the TCP peer. Only
+    /// behind a proxy that sets it: otherwise any client can claim any address.
+    pub trust_forwarded_for: bool,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_key_events_per_sec: 50_000,
+            per_key_burst: 100_000,
+            per_ip_requests_per_sec: 1_000,
+            per_ip_burst: 2_000,
+            max_buckets_per_shard: 100_000,
+            trust_forwarded_for: false,
+        }
+    }
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -448,6 +530,16 @@ impl Config {
                 "and max_events_per_request must be > 0",
             );
         }
+        if !(1024..=1_000_000).contains(&k.max_message_bytes) {
+            return invalid(
+                "kafka.max_message_bytes",
+                "must be 1024-1000000 (the producer keeps librdkafka's message.max.bytes \
+                 of 1000000)",
+            );
+        }
+        if self.http.body_read_timeout_ms == 0 {
+            return invalid("http.body_read_timeout_ms", "must be > 0");
+        }
         if self.http.ack_timeout_ms <= u64::from(k.message_timeout_ms) {
             return invalid(
                 "http.ack_timeout_ms",
@@ -517,6 +609,36 @@ impl Config {
         }
         if self.http.retry_after_secs == 0 {
             return invalid("http.retry_after_secs", "must be at least 1");
+        }
+        if self.http.header_read_timeout_ms == 0 || self.http.idle_timeout_ms == 0 {
+            return invalid(
+                "http.header_read_timeout_ms",
+                "and idle_timeout_ms must be > 0",
+            );
+        }
+        if self.http.max_connections_per_shard == 0 {
+            return invalid("http.max_connections_per_shard", "must be at least 1");
+        }
+        if self.http.admin_listen == Some(self.http.listen) {
+            return invalid("http.admin_listen", "must differ from http.listen");
+        }
+        let limits = &self.limits;
+        if limits.per_key_events_per_sec > 0
+            && (limits.per_key_burst as usize) < self.http.max_events_per_request
+        {
+            return invalid(
+                "limits.per_key_burst",
+                "must be at least http.max_events_per_request while the key limit is on",
+            );
+        }
+        if limits.per_ip_requests_per_sec > 0 && limits.per_ip_burst == 0 {
+            return invalid("limits.per_ip_burst", "must be at least 1");
+        }
+        if limits.max_buckets_per_shard < 16 {
+            return invalid("limits.max_buckets_per_shard", "must be at least 16");
+        }
+        if let Err(reason) = crate::ingest::cors::check_origins(&self.http.cors_allowed_origins) {
+            return invalid("http.cors_allowed_origins", &reason);
         }
         if self.clickhouse.request_timeout_ms == 0 {
             return invalid("clickhouse.request_timeout_ms", "must be > 0");
@@ -683,6 +805,13 @@ mod tests {
             "http.io_memory_bytes=1",
             "http.retry_after_secs=0",
             "clickhouse.request_timeout_ms=0",
+            "http.body_read_timeout_ms=0",
+            "http.header_read_timeout_ms=0",
+            "http.idle_timeout_ms=0",
+            "http.max_connections_per_shard=0",
+            "http.admin_listen=\"127.0.0.1:8080\"",
+            "kafka.max_message_bytes=100",
+            "kafka.max_message_bytes=2000000",
         ] {
             assert!(
                 Config::load_from(None, false, &overrides(&[bad])).is_err(),
@@ -698,6 +827,24 @@ mod tests {
             "http://u:<redacted>@h:1/x"
         );
         assert_eq!(redact_userinfo("http://h:1"), "http://h:1");
+    }
+
+    #[test]
+    fn refuses_limits_and_origins_that_cannot_work() {
+        for bad in [
+            "limits.per_key_burst=10",
+            "limits.max_buckets_per_shard=0",
+            "http.cors_allowed_origins=[\"*\",\"https://a.example\"]",
+            "http.cors_allowed_origins=[\"https://a.example/\"]",
+            "http.cors_allowed_origins=[\"null\"]",
+        ] {
+            assert!(
+                Config::load_from(None, false, &overrides(&[bad])).is_err(),
+                "{bad} was accepted"
+            );
+        }
+        let off = overrides(&["limits.per_key_events_per_sec=0", "limits.per_key_burst=0"]);
+        assert!(Config::load_from(None, false, &off).is_ok());
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! Turns a request body into validated events: one JSON object, a JSON array of objects,
 //! or NDJSON (one object per line).
 //!
-//! Parsing is sonic-rs's; this module decides the body's shape, enforces the per-request
-//! event limit and gathers the field errors of every event into one answer.
+//! Parsing is sonic-rs's; this module decides the body's shape, bounds its nesting,
+//! enforces the per-request event limit, gathers the field errors of every event into one
+//! answer, and checks that each accepted event fits in one Kafka record.
+//!
+//! What sonic-rs refuses on its own, each as 400 `malformed_json` (tested below): invalid
+//! UTF-8, lone UTF-16 surrogate escapes (`"\ud800"`), `NaN`, `Infinity`, leading zeros,
+//! trailing commas, and anything after the value. So every string that reaches
+//! validation is valid UTF-8.
 
 use sonic_rs::{JsonContainerTrait, JsonValueTrait, Value};
 
@@ -13,7 +19,9 @@ use crate::event::EventRecord;
 /// How the body is framed, from its `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
-    /// `application/json`: one object or an array of objects.
+    /// `application/json`, or `text/plain` (what `navigator.sendBeacon` sends for a
+    /// string, and a type browsers post cross-origin without a preflight): one object or
+    /// an array of objects.
     Json,
     /// `application/x-ndjson` (or `application/ndjson`): one object per line; blank lines
     /// are skipped.
@@ -28,7 +36,9 @@ impl BodyFormat {
     pub fn from_content_type(header: Option<&str>) -> Result<Self, IngestError> {
         let raw = header.unwrap_or("");
         let media = raw.split(';').next().unwrap_or("").trim();
-        if media.eq_ignore_ascii_case("application/json") {
+        if media.eq_ignore_ascii_case("application/json")
+            || media.eq_ignore_ascii_case("text/plain")
+        {
             Ok(BodyFormat::Json)
         } else if media.eq_ignore_ascii_case("application/x-ndjson")
             || media.eq_ignore_ascii_case("application/ndjson")
@@ -57,6 +67,12 @@ pub fn decode_events(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(IngestError::EmptyBody);
     }
+    if body.starts_with(&GZIP_MAGIC) {
+        return Err(IngestError::MalformedJson {
+            detail: "the body is gzip data; send it with Content-Encoding: gzip".into(),
+        });
+    }
+    check_nesting(body)?;
     let values = match format {
         BodyFormat::Json => parse_json(body)?,
         BodyFormat::Ndjson => parse_ndjson(body, max_events)?,
@@ -92,6 +108,80 @@ pub fn decode_events(
         });
     }
     Ok(records)
+}
+
+/// The first two bytes of every gzip member (RFC 1952).
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Deepest nesting of arrays and objects accepted, counting the outer array of a batch.
+/// An event needs 3 (batch, event, payload), leaving 13 levels inside `payload`.
+/// sonic-rs itself stops at 254 levels, but its DOM parser recurses once per level and
+/// shards run on ordinary thread stacks; this bound keeps that recursion small in any
+/// build, and answers a body of 100,000 `[` after one linear pass.
+pub const MAX_NESTING_DEPTH: usize = 16;
+
+/// Refuses a body nested deeper than [`MAX_NESTING_DEPTH`] before it is parsed.
+///
+/// Brackets inside strings do not count. A raw newline ends any string (JSON forbids one
+/// inside a string), so each NDJSON line is counted on its own, and a malformed line
+/// cannot hide the depth of the next one; it is refused by the parser anyway.
+fn check_nesting(body: &[u8]) -> Result<(), IngestError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' | b'\n' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING_DEPTH {
+                    return Err(IngestError::MalformedJson {
+                        detail: format!("nested deeper than {MAX_NESTING_DEPTH} levels"),
+                    });
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// librdkafka's worst-case per-record overhead in a v2 record batch
+/// (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: length, attributes, timestamp and offset deltas,
+/// key and value lengths, header count). librdkafka adds it to key and value before
+/// comparing with `message.max.bytes`, so this check matches its own.
+pub const KAFKA_RECORD_OVERHEAD_BYTES: usize = 36;
+
+/// Refuses an event whose Kafka record would be refused by the producer, so the client
+/// hears 413 naming the event instead of a 503 it would retry forever.
+///
+/// # Errors
+/// [`IngestError::EventTooLarge`] with the event's index and record size.
+pub fn check_record_size(
+    index: usize,
+    key: &str,
+    payload: &[u8],
+    max_message_bytes: usize,
+) -> Result<(), IngestError> {
+    let record_bytes = KAFKA_RECORD_OVERHEAD_BYTES + key.len() + payload.len();
+    if record_bytes > max_message_bytes {
+        return Err(IngestError::EventTooLarge {
+            index,
+            record_bytes,
+            limit_bytes: max_message_bytes,
+        });
+    }
+    Ok(())
 }
 
 fn parse_json(body: &[u8]) -> Result<Vec<Value>, IngestError> {
@@ -216,7 +306,96 @@ mod tests {
             BodyFormat::from_content_type(Some("application/json; charset=utf-8")).expect("json"),
             BodyFormat::Json
         );
+        assert_eq!(
+            BodyFormat::from_content_type(Some("text/plain;charset=UTF-8")).expect("beacon"),
+            BodyFormat::Json
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(Some("application/ndjson")).expect("ndjson"),
+            BodyFormat::Ndjson
+        );
         assert!(BodyFormat::from_content_type(Some("text/xml")).is_err());
         assert!(BodyFormat::from_content_type(None).is_err());
+    }
+
+    fn malformed(body: &[u8], format: BodyFormat) -> String {
+        match decode_events(body, format, 10, 1) {
+            Err(IngestError::MalformedJson { detail }) => detail,
+            other => panic!("{:?} gave {other:?}", String::from_utf8_lossy(body)),
+        }
+    }
+
+    #[test]
+    fn refuses_what_json_does_not_allow() {
+        let with = |field: &str| {
+            format!(
+                r#"{{"match_id":"m1","user_id":"u1","type":"cheer","payload":{{"x":{field}}}}}"#
+            )
+        };
+        for bad in [
+            with(r#""\ud800""#),
+            with(r#""\udc00\ud800""#),
+            with("NaN"),
+            with("Infinity"),
+            with("-Infinity"),
+            with("01"),
+            with("[1,2,]"),
+            format!("[{EVENT},]"),
+            format!("{EVENT} trailing"),
+        ] {
+            malformed(bad.as_bytes(), BodyFormat::Json);
+        }
+        let mut invalid_utf8 = with(r#""x""#).into_bytes();
+        let quote = invalid_utf8.len() - 4;
+        invalid_utf8.insert(quote, 0xff);
+        malformed(&invalid_utf8, BodyFormat::Json);
+        malformed(&invalid_utf8, BodyFormat::Ndjson);
+    }
+
+    #[test]
+    fn refuses_deep_nesting_before_parsing() {
+        let deep = "[".repeat(100_000);
+        assert!(malformed(deep.as_bytes(), BodyFormat::Json).contains("nested deeper"));
+        let closed = format!("{}{}", "[".repeat(17), "]".repeat(17));
+        assert!(malformed(closed.as_bytes(), BodyFormat::Ndjson).contains("nested deeper"));
+        // Brackets in strings, escaped quotes included, do not count.
+        let quoted = "[".repeat(40);
+        let event = format!(
+            r#"{{"match_id":"m1","user_id":"u\"{quoted}","type":"cheer","payload":{{"a":{{"b":[[1]]}}}}}}"#
+        );
+        assert_eq!(
+            decode(&event, BodyFormat::Json)
+                .expect("brackets in a string")
+                .len(),
+            1
+        );
+        let sixteen = format!(
+            r#"[{{"match_id":"m1","user_id":"u","type":"cheer","payload":{{"a":{}1{}}}}}]"#,
+            "[".repeat(13),
+            "]".repeat(13)
+        );
+        assert_eq!(
+            decode(&sixteen, BodyFormat::Json).expect("16 levels").len(),
+            1
+        );
+    }
+
+    #[test]
+    fn names_gzip_sent_without_its_header() {
+        let detail = malformed(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3], BodyFormat::Json);
+        assert!(detail.contains("Content-Encoding"), "{detail}");
+    }
+
+    #[test]
+    fn refuses_a_record_over_the_kafka_limit() {
+        assert!(check_record_size(0, "m1", &[b'x'; 962], 1000).is_ok());
+        match check_record_size(3, "m1", &[b'x'; 963], 1000) {
+            Err(IngestError::EventTooLarge {
+                index: 3,
+                record_bytes: 1001,
+                limit_bytes: 1000,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

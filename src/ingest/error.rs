@@ -4,6 +4,7 @@
 use http::StatusCode;
 use serde::Serialize;
 
+use super::rate_limit::RateLimited;
 use super::validate::FieldError;
 use crate::auth::Denied;
 use crate::kafka::producer::ProduceError;
@@ -47,6 +48,33 @@ pub enum IngestError {
     },
     #[error("cannot read the request body: {detail}")]
     BodyRead { detail: String },
+    /// The body stopped arriving: 408, and the connection is closed.
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
+    /// A `Content-Encoding` other than `gzip` or `identity` (415, naming it).
+    #[error("content encoding {encoding:?} is not supported; send gzip or no encoding")]
+    UnsupportedEncoding { encoding: String },
+    /// The body is not what its `Content-Encoding` says (a plain body sent as gzip, or a
+    /// truncated or corrupt stream).
+    #[error("body is not valid {encoding}: {detail}")]
+    BadEncoding {
+        encoding: &'static str,
+        detail: String,
+    },
+    /// A compressed body that inflates past `http.max_body_bytes`; inflating stops there.
+    #[error("decompressed request body exceeds {limit_bytes} bytes")]
+    DecompressedTooLarge { limit_bytes: usize },
+    /// One event whose Kafka record would pass `kafka.max_message_bytes`; refused here
+    /// rather than accepted and then failed by the producer.
+    #[error(
+        "event {index} would be a Kafka record of {record_bytes} bytes, more than \
+         kafka.max_message_bytes ({limit_bytes})"
+    )]
+    EventTooLarge {
+        index: usize,
+        record_bytes: usize,
+        limit_bytes: usize,
+    },
     #[error(transparent)]
     Produce(#[from] ProduceError),
     #[error(transparent)]
@@ -61,6 +89,27 @@ pub enum IngestError {
         requests: usize,
         bytes: usize,
     },
+    /// A key or address over its rate limit (429 with `Retry-After`).
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
+    /// A CORS preflight from an origin not in `http.cors_allowed_origins`.
+    #[error("this origin may not post events from a browser")]
+    CorsOriginRefused,
+    /// Answered by the connection layer in place of hyper's bodiless parse-error answers
+    /// (see `ingest/connection_io.rs`).
+    #[error("the request is not valid HTTP/1.1")]
+    MalformedRequest,
+    /// RFC 9112, section 6.3: both framings at once is a request-smuggling shape.
+    #[error("the request has both Content-Length and Transfer-Encoding")]
+    ConflictingLength,
+    #[error("the request head exceeds the server's header size or count limits")]
+    HeadersTooLarge,
+    #[error("the request target is too long")]
+    UriTooLong,
+    #[error("the request head did not arrive within {timeout_ms} ms")]
+    HeaderTimeout { timeout_ms: u64 },
+    #[error("shard {shard} already serves {limit} connections")]
+    TooManyConnections { shard: usize, limit: usize },
 }
 
 #[derive(Serialize)]
@@ -93,6 +142,15 @@ impl IngestError {
             IngestError::MalformedJson { .. } => (StatusCode::BAD_REQUEST, "malformed_json"),
             IngestError::InvalidEvents { .. } => (StatusCode::BAD_REQUEST, "invalid_events"),
             IngestError::BodyRead { .. } => (StatusCode::BAD_REQUEST, "body_read_failed"),
+            IngestError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            IngestError::UnsupportedEncoding { .. } => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding")
+            }
+            IngestError::BadEncoding { .. } => (StatusCode::BAD_REQUEST, "bad_encoding"),
+            IngestError::DecompressedTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            IngestError::EventTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "event_too_large"),
             IngestError::Produce(err) => match err {
                 ProduceError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "kafka_unavailable"),
                 ProduceError::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
@@ -108,12 +166,39 @@ impl IngestError {
             IngestError::Denied(Denied::Forbidden { .. }) => (StatusCode::FORBIDDEN, "forbidden"),
             IngestError::Denied(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             IngestError::ShardBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            IngestError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            IngestError::CorsOriginRefused => (StatusCode::FORBIDDEN, "origin_not_allowed"),
+            IngestError::MalformedRequest => (StatusCode::BAD_REQUEST, "malformed_request"),
+            IngestError::ConflictingLength => (StatusCode::BAD_REQUEST, "conflicting_length"),
+            IngestError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
+            IngestError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            IngestError::HeaderTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "header_timeout"),
+            IngestError::TooManyConnections { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
+            }
         }
     }
 
     /// Whether the client should retry the same request later (sent with `Retry-After`).
     pub fn is_retryable(&self) -> bool {
         self.status_and_code().0 == StatusCode::SERVICE_UNAVAILABLE
+    }
+
+    /// Headers the answer needs besides the JSON body. `Connection: close` where the
+    /// request body was left unread or broken, so the connection cannot carry another
+    /// request; `Accept-Encoding` on 415 for a coding, as RFC 9110 (15.5.16) asks.
+    pub fn extra_headers(&self) -> &'static [(http::header::HeaderName, &'static str)] {
+        use http::header::{ACCEPT_ENCODING, CONNECTION};
+        match self {
+            IngestError::BodyTimeout { .. }
+            | IngestError::BodyRead { .. }
+            | IngestError::PayloadTooLarge { .. } => &[(CONNECTION, "close")],
+            IngestError::UnsupportedEncoding { .. } => &[(ACCEPT_ENCODING, "gzip")],
+            _ => &[],
+        }
     }
 
     /// The JSON error body.

@@ -6,20 +6,22 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use super::decode::{decode_events, BodyFormat};
+use super::body::{read_body, BodyLimits, ContentCoding};
+use super::decode::{check_record_size, decode_events, BodyFormat};
 use super::error::IngestError;
-use super::state::{IngestShared, ShardContext};
+use super::rate_limit::{client_ip, KeyCharge, PeerAddr};
+use super::state::{IngestShared, Listener, ShardContext};
 use crate::auth::{Presented, Role};
 use crate::kafka::producer::{OutgoingRecord, ProduceError};
 use crate::metrics::prometheus::{ProducerView, Sources};
@@ -34,12 +36,16 @@ pub type HttpResponse = Response<Full<Bytes>>;
 /// Serves one request on a shard, recording its latency and status on every exit.
 pub async fn handle(ctx: &ShardContext, req: Request<Incoming>) -> HttpResponse {
     let mut timer = RequestTimer::start(&ctx.metrics, Route::Other);
+    let origin = req.headers().get(ORIGIN).cloned();
     let (route, outcome) = dispatch(ctx, req).await;
     timer.set_route(route);
-    let (response, accepted) = match outcome {
+    let (mut response, accepted) = match outcome {
         Ok(answer) => answer,
         Err(err) => (error_response(&err, &ctx.shared), 0),
     };
+    if route == Route::Events {
+        ctx.cors.decorate(origin.as_ref(), response.headers_mut());
+    }
     timer.finish(response.status().as_u16(), accepted);
     response
 }
@@ -50,6 +56,10 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if !listener_serves(ctx, &req, &segments) {
+        let (method, path) = (method.to_string(), path.clone());
+        return (Route::Other, Err(IngestError::NotFound { method, path }));
+    }
     let not_allowed = |allow| {
         Err(IngestError::MethodNotAllowed {
             method: method.to_string(),
@@ -58,13 +68,22 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
         })
     };
     match (segments.as_slice(), &method) {
-        (["v1", "events"], &Method::POST) => match authorize(ctx, &req, Role::Ingest) {
-            Ok(()) => (Route::Events, post_events(ctx, req).await),
-            Err(err) => (Route::Events, Err(err)),
-        },
+        (["v1", "events"], &Method::POST) => {
+            match limit_client(ctx, &req).and_then(|()| authorize(ctx, &req, Role::Ingest)) {
+                Ok(key_id) => (Route::Events, post_charged_events(ctx, req, key_id).await),
+                Err(err) => (Route::Events, Err(err)),
+            }
+        }
+        (["v1", "events"], &Method::OPTIONS) if ctx.cors.is_on() => {
+            let preflight = ctx.cors.preflight(req.headers().get(ORIGIN));
+            (Route::Events, preflight.map(|answer| (answer, 0)))
+        }
+        (["v1", "events"], _) if ctx.cors.is_on() => (Route::Events, not_allowed("OPTIONS, POST")),
         (["v1", "events"], _) => (Route::Events, not_allowed("POST")),
         (["v1", "matches", match_id, "metrics"], &Method::GET) => {
-            if let Err(err) = authorize(ctx, &req, Role::Read) {
+            if let Err(err) =
+                limit_client(ctx, &req).and_then(|()| authorize(ctx, &req, Role::Read))
+            {
                 return (Route::Query, Err(err));
             }
             let params = MetricsParams::parse(match_id, req.uri().query());
@@ -89,23 +108,81 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
     }
 }
 
+/// With `http.admin_listen` set, `/metrics`, `/healthz` and `/readyz` are served on the
+/// admin listener only, and it serves nothing else; without it, everything is public.
+fn listener_serves(ctx: &ShardContext, req: &Request<Incoming>, segments: &[&str]) -> bool {
+    let operational = matches!(segments, ["metrics"] | ["healthz"] | ["readyz"]);
+    let admin = req.extensions().get::<Listener>() == Some(&Listener::Admin);
+    match ctx.shared.config.http.admin_listen {
+        None => true,
+        Some(_) => operational == admin,
+    }
+}
+
 /// Checks the request's key for `role` before anything else is read, so a request
 /// without the right key is refused without its body (and, with `Expect:
-/// 100-continue`, without asking for it).
-fn authorize(ctx: &ShardContext, req: &Request<Incoming>, role: Role) -> Result<(), IngestError> {
+/// 100-continue`, without asking for it). Returns the key's id, `None` when auth is off.
+fn authorize(
+    ctx: &ShardContext,
+    req: &Request<Incoming>,
+    role: Role,
+) -> Result<Option<String>, IngestError> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let presented = Presented {
         authorization: header("authorization"),
         api_key: header("x-fanfinity-key"),
     };
     match ctx.keys.check(&ctx.shared.auth, presented, role) {
-        Ok(_) => Ok(()),
+        Ok(key_id) => Ok(key_id),
         Err(denied) => {
             // The key id is public; the key itself is never logged.
             debug!(shard = ctx.shard, role = %role, reason = %denied, "request not authorized");
             Err(IngestError::Denied(denied))
         }
     }
+}
+
+/// Charges one API request to its client's address (see `rate_limit.rs`). Runs before
+/// the key is checked, so a flood from one address is refused before any key is hashed.
+fn limit_client(ctx: &ShardContext, req: &Request<Incoming>) -> Result<(), IngestError> {
+    let peer = req.extensions().get::<PeerAddr>().copied();
+    let ip = client_ip(peer, req.headers(), ctx.limits.trust_forwarded_for);
+    ctx.limits.check_ip(ip, Instant::now()).map_err(|limited| {
+        debug!(
+            shard = ctx.shard,
+            client = ?ip,
+            retry_after_secs = limited.retry_after_secs,
+            "client over its request rate"
+        );
+        IngestError::from(limited)
+    })
+}
+
+/// Charges an event post to its key (one token now, one per further event once the body
+/// is decoded), then serves it. A request the server failed (5xx) gets its tokens back:
+/// the client will retry it and should not pay twice.
+async fn post_charged_events(
+    ctx: &ShardContext,
+    req: Request<Incoming>,
+    key_id: Option<String>,
+) -> Outcome {
+    let charge = ctx
+        .limits
+        .charge_key(key_id, Instant::now())
+        .inspect_err(|limited| {
+            debug!(
+                shard = ctx.shard,
+                retry_after_secs = limited.retry_after_secs,
+                "key over its event rate"
+            );
+        })?;
+    let outcome = post_events(ctx, req, &charge).await;
+    if let Err(err) = &outcome {
+        if err.status_and_code().0.is_server_error() {
+            charge.refund(Instant::now());
+        }
+    }
+    outcome
 }
 
 #[derive(Serialize)]
@@ -121,7 +198,11 @@ struct Accepted<'a> {
 
 /// `POST /v1/events`: validate everything, produce everything, answer 202 only once
 /// Kafka acknowledged every record.
-async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
+async fn post_events(
+    ctx: &ShardContext,
+    req: Request<Incoming>,
+    charge: &KeyCharge<'_>,
+) -> Outcome {
     let shared = &ctx.shared;
     if shared.stopping.load(Ordering::Relaxed) {
         return Err(IngestError::ShuttingDown);
@@ -132,6 +213,7 @@ async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let format = BodyFormat::from_content_type(content_type)?;
+    let coding = ContentCoding::from_headers(req.headers())?;
     // Refuse early when Kafka cannot take anything, before reading the body.
     shared.producer.check_capacity(1)?;
     let holds = declared_length(&req).map_or(http.max_body_bytes, |len| {
@@ -146,15 +228,27 @@ async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
             bytes: full.bytes,
         })?;
 
-    let body = read_body(req, http.max_body_bytes).await?;
+    let limits = BodyLimits {
+        max_body_bytes: http.max_body_bytes,
+        read_timeout: Duration::from_millis(http.body_read_timeout_ms),
+    };
+    let declared = declared_length(&req);
+    let body = read_body(req.into_body(), declared, coding, limits).await?;
     let received_at_ms = now_ms();
     let records = decode_events(&body, format, http.max_events_per_request, received_at_ms)?;
+    charge.charge_events(records.len(), Instant::now())?;
 
     let mut outgoing = Vec::with_capacity(records.len());
-    for record in &records {
+    for (index, record) in records.iter().enumerate() {
         let payload = record.encode().map_err(|err| IngestError::MalformedJson {
             detail: format!("cannot encode event: {err}"),
         })?;
+        check_record_size(
+            index,
+            &record.match_id,
+            &payload,
+            shared.config.kafka.max_message_bytes,
+        )?;
         outgoing.push(OutgoingRecord {
             key: record.match_id.clone(),
             payload,
@@ -185,24 +279,6 @@ async fn post_events(ctx: &ShardContext, req: Request<Incoming>) -> Outcome {
         event_ids: &ids,
     };
     Ok((json(StatusCode::ACCEPTED, &body), ids.len() as u64))
-}
-
-/// Reads the body up to `limit` bytes. A declared length over the limit is refused
-/// before any body byte is read.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, IngestError> {
-    let declared = declared_length(&req);
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(IngestError::PayloadTooLarge { limit_bytes: limit });
-    }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-            Err(IngestError::PayloadTooLarge { limit_bytes: limit })
-        }
-        Err(err) => Err(IngestError::BodyRead {
-            detail: err.to_string(),
-        }),
-    }
 }
 
 /// The body length the client announced, if any.
@@ -301,11 +377,17 @@ fn error_response(err: &IngestError, shared: &Arc<IngestShared>) -> HttpResponse
     if let IngestError::MethodNotAllowed { allow, .. } = err {
         headers.insert(ALLOW, HeaderValue::from_static(allow));
     }
+    for (name, value) in err.extra_headers() {
+        headers.insert(name.clone(), HeaderValue::from_static(value));
+    }
     if status == StatusCode::UNAUTHORIZED {
         headers.insert(
             WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"fanfinity\""),
         );
+    }
+    if let IngestError::RateLimited(limited) = err {
+        headers.insert(RETRY_AFTER, HeaderValue::from(limited.retry_after_secs));
     }
     if err.is_retryable() {
         headers.insert(

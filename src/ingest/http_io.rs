@@ -17,22 +17,36 @@ const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// A shard's TCP connection as hyper sees it.
 pub struct HyperStream(pub TcpStream);
 
-impl hyper::rt::Read for HyperStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+impl HyperStream {
+    /// Reads into hyper's buffer and shows the bytes read to `seen` (empty at EOF), which
+    /// `ReadBufCursor` does not let a caller look at once it is filled.
+    pub fn poll_read_seen(
+        &mut self,
         cx: &mut Context<'_>,
         mut buf: hyper::rt::ReadBufCursor<'_>,
+        seen: impl FnOnce(&[u8]),
     ) -> Poll<io::Result<()>> {
         let mut chunk = [0u8; READ_CHUNK_BYTES];
         let want = buf.remaining().min(READ_CHUNK_BYTES);
         match Pin::new(&mut self.0).poll_read(cx, &mut chunk[..want]) {
             Poll::Ready(Ok(n)) => {
                 buf.put_slice(&chunk[..n]);
+                seen(&chunk[..n]);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+impl hyper::rt::Read for HyperStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.poll_read_seen(cx, buf, |_| {})
     }
 }
 

@@ -5,12 +5,18 @@
 //! produces its own requests; the only things it shares with other shards are the Kafka
 //! producer (thread-safe) and the query runtime. It does not consume from Kafka.
 
+mod admin;
+pub mod body;
+mod connection;
+mod connection_io;
+pub mod cors;
 pub mod decode;
 pub mod error;
 pub mod handler;
 pub mod http_io;
 pub mod inflight;
 mod listener;
+pub mod rate_limit;
 pub mod server;
 pub mod state;
 pub mod validate;

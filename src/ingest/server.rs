@@ -1,38 +1,37 @@
 //! Starts the shards: one pinned glommio executor per shard, each binding the same
-//! address with SO_REUSEPORT, accepting connections and serving them with hyper.
+//! address with SO_REUSEPORT, accepting connections and handing them to
+//! `connection.rs` (or refusing them past `http.max_connections_per_shard`). Shard 0 also
+//! serves the admin listener when `http.admin_listen` is set (`admin.rs`).
 //!
 //! Shutdown, per shard (the process-wide order is in `app/shutdown.rs`): the accept loop
 //! sees the process-wide `stopping` flag and asks every connection to finish its current
 //! request and close (hyper's graceful shutdown). The listener then stops taking new
 //! connections without resetting the ones the kernel already queued, which are accepted
-//! and answered too ([`super::listener::ShardListener`] says how and what it cannot cover). Last, the shard
-//! waits for its connections up to `http.shutdown_grace_ms` and logs what was still open.
+//! and answered too ([`super::listener::ShardListener`] says how and what it cannot
+//! cover). Last, the shard waits for its connections up to `http.shutdown_grace_ms` and
+//! logs what was still open.
 
 use std::cell::Cell;
-use std::convert::Infallible;
-use std::future::poll_fn;
-use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_lite::future::{self, Future};
+use futures_lite::future;
 use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use tracing::{debug, info, warn};
 
-use super::handler::handle;
-use super::http_io::HyperStream;
+use super::admin::serve_admin;
+use super::connection::{refuse_connection, serve_connection};
+use super::cors::CorsPolicy;
 use super::inflight::InFlight;
 use super::listener::{Acceptor, ShardListener};
-use super::state::{IngestShared, LocalStop, ShardContext};
+use super::rate_limit::RateLimits;
+use super::state::{IngestShared, Listener, LocalStop, ShardContext};
 use crate::auth::ShardKeys;
-use crate::metrics::shard::ShardMetrics;
+use crate::metrics::shard::{ConnectionStats, ShardMetrics};
 
 /// How often an idle shard checks the process-wide stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
@@ -152,6 +151,13 @@ async fn run_shard(
             return;
         }
     };
+    let admin = match bind_admin(shard, &shared) {
+        Ok(admin) => admin,
+        Err(err) => {
+            let _ = ready.send(Err(err));
+            return;
+        }
+    };
     let _ = ready.send(Ok(shard));
     info!(shard, cpu, listen = %addr, "shard started");
 
@@ -160,6 +166,8 @@ async fn run_shard(
         shared.config.http.max_inflight_bytes,
     );
     let shared_auth = Arc::clone(&shared.auth);
+    let limits = RateLimits::new(&shared.config.limits, shard);
+    let cors = CorsPolicy::from_config(&shared.config.http);
     let ctx = Rc::new(ShardContext {
         shard,
         metrics: Arc::clone(&shared.shard_metrics[shard]),
@@ -167,11 +175,35 @@ async fn run_shard(
         stop: Rc::new(LocalStop::default()),
         inflight,
         keys: ShardKeys::new(&shared_auth),
+        limits,
+        cors,
     });
     let connections = Rc::new(Cell::new(0usize));
 
+    if let Some(admin) = admin {
+        glommio::spawn_local(serve_admin(Rc::clone(&ctx), admin)).detach();
+    }
     let deadline = serve_listener(&ctx, listener, &connections).await;
     wait_for_connections(&ctx, &connections, deadline).await;
+}
+
+/// Binds `http.admin_listen` on shard 0 (no other shard serves it); `None` elsewhere or
+/// when it is not set.
+fn bind_admin(shard: usize, shared: &IngestShared) -> Result<Option<ShardListener>, ServerError> {
+    let Some(addr) = shared.config.http.admin_listen.filter(|_| shard == 0) else {
+        return Ok(None);
+    };
+    let bound = refuse_taken_address(addr).and_then(|()| {
+        ShardListener::bind(addr, shared.config.http.listen_backlog).map_err(|source| {
+            ServerError::Bind {
+                shard,
+                addr: addr.to_string(),
+                source,
+            }
+        })
+    })?;
+    info!(shard, admin_listen = %addr, "admin listener bound");
+    Ok(Some(bound))
 }
 
 /// The listener's whole life: accept until the process stops, then stop it without
@@ -223,11 +255,23 @@ async fn accept_until_stopped(
     }
 }
 
+/// Serves a new connection, or refuses it (503, then close) when the shard already
+/// serves `http.max_connections_per_shard`: the connections it has are not touched.
 fn spawn_connection(ctx: &Rc<ShardContext>, stream: TcpStream, connections: &Rc<Cell<usize>>) {
     let ctx = Rc::clone(ctx);
-    let guard = ConnectionGuard::new(connections);
+    if connections.get() >= ctx.shared.config.http.max_connections_per_shard {
+        ConnectionStats::bump(&ctx.metrics.connections.refused_over_limit);
+        debug!(
+            shard = ctx.shard,
+            open_connections = connections.get(),
+            "connection over the shard's cap, answering 503"
+        );
+        glommio::spawn_local(refuse_connection(ctx, stream)).detach();
+        return;
+    }
+    let guard = ConnectionGuard::new(connections, &ctx.metrics);
     glommio::spawn_local(async move {
-        serve_connection(ctx, stream).await;
+        serve_connection(ctx, stream, Listener::Public).await;
         drop(guard);
     })
     .detach();
@@ -258,16 +302,23 @@ async fn wait_for_connections(
     );
 }
 
-/// Counts a live connection for the shutdown drain.
+/// Counts a live connection for the shutdown drain, the connection cap and the
+/// `fanfinity_http_open_connections` gauge.
 struct ConnectionGuard {
     count: Rc<Cell<usize>>,
+    metrics: Arc<ShardMetrics>,
 }
 
 impl ConnectionGuard {
-    fn new(count: &Rc<Cell<usize>>) -> Self {
+    fn new(count: &Rc<Cell<usize>>, metrics: &Arc<ShardMetrics>) -> Self {
         count.set(count.get() + 1);
+        metrics
+            .connections
+            .open
+            .store(count.get() as u64, Ordering::Relaxed);
         Self {
             count: Rc::clone(count),
+            metrics: Arc::clone(metrics),
         }
     }
 }
@@ -275,116 +326,10 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.count.set(self.count.get().saturating_sub(1));
-    }
-}
-
-/// Serves one connection with hyper until it closes.
-///
-/// When the shard stops, the connection finishes its current request and closes (hyper's
-/// graceful shutdown) instead of waiting for the client to go away. Hyper closes a
-/// connection at once if it has not read a byte yet, even when the client's request is
-/// already in the socket; so a connection still silent at the stop (typically one just
-/// accepted, or drained from the accept queue) gets up to [`FIRST_REQUEST_WAIT`] for its
-/// first bytes and is then served its one request like any other.
-///
-/// # Limitations
-/// A keep-alive connection idle between requests at the stop is closed at once: a request
-/// the client sends at that very moment meets a closed connection, the race every HTTP/1.1
-/// keep-alive client must already handle (RFC 9112, section 9.3.1).
-async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream) {
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(shard = ctx.shard, error = %err, "cannot set TCP_NODELAY");
-    }
-    let service_ctx = Rc::clone(&ctx);
-    let service = service_fn(move |req| {
-        let ctx = Rc::clone(&service_ctx);
-        async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
-    });
-    let heard = Rc::new(Cell::new(false));
-    let io = HeardStream {
-        inner: HyperStream(stream),
-        heard: Rc::clone(&heard),
-    };
-    let conn = http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(io, service);
-    let mut conn = pin!(conn);
-    let mut stop = pin!(ctx.stop.wait());
-    let mut silence: Option<Pin<Box<glommio::timer::Timer>>> = None;
-    let mut shutting = false;
-
-    let result = poll_fn(|cx| loop {
-        if !shutting && silence.is_none() && stop.as_mut().poll(cx).is_ready() {
-            silence = Some(Box::pin(glommio::timer::Timer::new(FIRST_REQUEST_WAIT)));
-        }
-        if let (false, Some(timer)) = (shutting, silence.as_mut()) {
-            if heard.get() || timer.as_mut().poll(cx).is_ready() {
-                shutting = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-        let heard_before = heard.get();
-        match conn.as_mut().poll(cx) {
-            Poll::Ready(result) => return Poll::Ready(result),
-            // The first bytes came in during this poll, after the stop: shut down now.
-            Poll::Pending if silence.is_some() && !shutting && heard.get() && !heard_before => {}
-            Poll::Pending => return Poll::Pending,
-        }
-    })
-    .await;
-    if let Err(err) = result {
-        debug!(shard = ctx.shard, error = %err, "connection ended with an error");
-    }
-}
-
-/// How long a connection that has sent nothing yet may take, once the shard stops, to
-/// send its request. Far above a round trip, so a request already on its way is served;
-/// short enough that a client that connected and went quiet does not hold the shutdown.
-/// (Go's `http.Server.Shutdown` gives new connections 5 s for the same reason.)
-const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
-
-/// The connection as hyper reads it, noting whether anything was read yet (a read that
-/// completed, EOF included), which hyper does not tell.
-struct HeardStream {
-    inner: HyperStream,
-    heard: Rc<Cell<bool>>,
-}
-
-impl hyper::rt::Read for HeardStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(read, Poll::Ready(Ok(()))) {
-            self.heard.set(true);
-        }
-        read
-    }
-}
-
-impl hyper::rt::Write for HeardStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.metrics
+            .connections
+            .open
+            .store(self.count.get() as u64, Ordering::Relaxed);
     }
 }
 

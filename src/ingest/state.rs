@@ -10,7 +10,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
+use super::cors::CorsPolicy;
 use super::inflight::InFlight;
+use super::rate_limit::RateLimits;
 use crate::app::config::Config;
 use crate::auth::{AuthState, ShardKeys};
 use crate::kafka::producer::EventProducer;
@@ -34,6 +36,15 @@ pub struct IngestShared {
     pub auth: Arc<AuthState>,
 }
 
+/// Which listener a request came in on, set by the connection layer as a request
+/// extension: with `http.admin_listen` set, the operational endpoints live only on the
+/// admin one (docs/connections.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Public,
+    Admin,
+}
+
 /// One shard's view: its id, its metrics and its local stop signal.
 pub struct ShardContext {
     pub shard: usize,
@@ -44,6 +55,10 @@ pub struct ShardContext {
     pub inflight: Rc<InFlight>,
     /// This shard's copy of the key set, refreshed when it is replaced.
     pub keys: ShardKeys,
+    /// This shard's rate-limit buckets (per key and per client IP), never shared.
+    pub limits: RateLimits,
+    /// Which browser origins may post events.
+    pub cors: CorsPolicy,
 }
 
 /// A shard-local "stop now" signal that many connection tasks can await without each

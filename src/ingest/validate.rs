@@ -3,6 +3,15 @@
 //! A request is all-or-nothing, so validation collects every problem of every event
 //! before answering: a client fixing a batch sees all of its mistakes at once.
 //! Unknown fields are ignored so that newer clients keep working against older servers.
+//!
+//! What an accepted event guarantees to Kafka and ClickHouse: every string is valid UTF-8
+//! (the parser refuses invalid bytes and lone surrogates); `match_id` is 1-64 ASCII
+//! characters of `[A-Za-z0-9_.:-]`; `user_id` and `team` hold no control characters (no
+//! NUL, no C0 or C1 codes), so they are safe in any String column, log line or CSV;
+//! `payload` is compact JSON text, in which any control character the client sent is
+//! escaped (`\u0000`), never raw; `ts`, when present, lies in 2000-2099 UTC, inside
+//! ClickHouse's `DateTime`; `received_at` is always this server's clock. A client field
+//! named `received_at` is ignored like any unknown field.
 
 use serde::Serialize;
 use sonic_rs::{JsonValueTrait, Value};
@@ -24,8 +33,20 @@ pub struct FieldError {
     pub reason: String,
 }
 
-/// Latest client timestamp accepted: 9999-12-31T23:59:59.999Z, the end of RFC 3339.
-const MAX_TS_MS: i64 = 253_402_300_799_999;
+/// Earliest client timestamp accepted: 2000-01-01T00:00:00Z. No fan app event predates
+/// it, and every epoch-seconds value until the year 31,000 lies below it as
+/// milliseconds, so a client sending seconds is told so instead of having its events
+/// filed under January 1970.
+pub const MIN_TS_MS: i64 = 946_684_800_000;
+
+/// Latest client timestamp accepted: 2099-12-31T23:59:59.999Z, the end of the window the
+/// sink uses as event time. Microseconds or nanoseconds sent as milliseconds land far
+/// past it and are refused.
+pub const MAX_TS_MS: i64 = 4_102_444_799_999;
+
+/// Why a `ts` outside the window is refused; shared by both forms.
+const TS_RANGE: &str = "must lie between 2000-01-01T00:00:00Z and 2099-12-31T23:59:59.999Z \
+                        (epoch milliseconds, not seconds)";
 
 /// Validates one decoded JSON value as an event.
 ///
@@ -81,6 +102,10 @@ pub fn validate_event(
     };
 
     let user_id = match value.get("user_id").and_then(|v| v.as_str()) {
+        Some(id) if id.chars().any(char::is_control) => {
+            fail("user_id", "must not contain control characters");
+            None
+        }
         Some(id) if !id.is_empty() && id.chars().count() <= MAX_USER_ID_CHARS => {
             Some(id.to_string())
         }
@@ -126,6 +151,10 @@ pub fn validate_event(
         None => None,
         Some(v) if v.is_null() => None,
         Some(v) => match v.as_str() {
+            Some(t) if t.chars().any(char::is_control) => {
+                fail("team", "must not contain control characters");
+                None
+            }
             Some(t) if !t.is_empty() && t.chars().count() <= MAX_TEAM_CHARS => Some(t.to_string()),
             _ => {
                 fail("team", "must be a string of 1-64 characters");
@@ -171,24 +200,29 @@ pub fn validate_event(
     }
 }
 
-/// Reads `ts` as epoch milliseconds (an integer) or an RFC 3339 string with a zone,
-/// normalized to UTC epoch milliseconds.
+/// Reads `ts` as epoch milliseconds (an integer) or an RFC 3339 string with a zone (`Z`
+/// or an offset), normalized to UTC epoch milliseconds; fractions of a millisecond are
+/// dropped. Either form must lie in [`MIN_TS_MS`]..=[`MAX_TS_MS`]. Refused, never
+/// guessed or clamped: a time without a zone (whose zone would be a guess), fractional
+/// epoch numbers, numeric strings, impossible dates (month 13), the empty string. A
+/// refused `ts` fails its event like any other field; `null` means absent.
 fn parse_ts(value: &Value) -> Result<i64, &'static str> {
     if let Some(text) = value.as_str() {
-        let parsed = OffsetDateTime::parse(text, &Rfc3339)
-            .map_err(|_| "must be an RFC 3339 timestamp with a zone, or epoch milliseconds")?;
-        let ms = parsed.unix_timestamp_nanos() / 1_000_000;
+        let parsed = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
+            "must be an RFC 3339 timestamp with a zone (Z or +hh:mm), or epoch milliseconds"
+        })?;
+        let ms = parsed.unix_timestamp_nanos().div_euclid(1_000_000);
         return i64::try_from(ms)
             .ok()
-            .filter(|ms| (0..=MAX_TS_MS).contains(ms))
-            .ok_or("must be between 1970 and 9999");
+            .filter(|ms| (MIN_TS_MS..=MAX_TS_MS).contains(ms))
+            .ok_or(TS_RANGE);
     }
     if value.is_number() {
         return match value.as_i64() {
-            Some(ms) if (0..=MAX_TS_MS).contains(&ms) => Ok(ms),
-            Some(_) => Err("must be between 1970 and 9999"),
+            Some(ms) if (MIN_TS_MS..=MAX_TS_MS).contains(&ms) => Ok(ms),
+            Some(_) => Err(TS_RANGE),
             None if value.is_f64() => Err("epoch milliseconds must be an integer"),
-            None => Err("must be between 1970 and 9999"),
+            None => Err(TS_RANGE),
         };
     }
     Err("must be an RFC 3339 string or epoch milliseconds")
@@ -287,5 +321,80 @@ mod tests {
     #[test]
     fn refuses_non_object_event() {
         assert_eq!(fields(check("42").unwrap_err()), vec!["event"]);
+    }
+
+    fn ts(raw: &str) -> Result<Option<i64>, Vec<&'static str>> {
+        check(&format!(
+            r#"{{"match_id":"m","user_id":"u","type":"cheer","ts":{raw}}}"#
+        ))
+        .map(|r| r.ts)
+        .map_err(fields)
+    }
+
+    #[test]
+    fn normalizes_every_zoned_form_to_utc_ms() {
+        let at = Some(1_671_377_000_000);
+        assert_eq!(ts(r#""2022-12-18T15:23:20Z""#), Ok(at));
+        assert_eq!(ts(r#""2022-12-18t15:23:20z""#), Ok(at));
+        // RFC 3339 (5.6, note) lets applications use a space for the `T`.
+        assert_eq!(ts(r#""2022-12-18 15:23:20Z""#), Ok(at));
+        assert_eq!(ts(r#""2022-12-18T10:53:20-04:30""#), Ok(at));
+        assert_eq!(
+            ts(r#""2022-12-18T15:23:20.999999999Z""#),
+            Ok(Some(1_671_377_000_999))
+        );
+        assert_eq!(
+            ts(r#""2022-12-18T15:23:20.5+00:00""#),
+            Ok(Some(1_671_377_000_500))
+        );
+        assert_eq!(ts("1671377000000"), Ok(at));
+        assert_eq!(ts("null"), Ok(None));
+    }
+
+    #[test]
+    fn refuses_times_it_would_have_to_guess() {
+        for raw in [
+            r#""2022-12-18T15:23:20""#,
+            r#""2022-13-01T00:00:00Z""#,
+            r#""2022-02-30T00:00:00Z""#,
+            r#""""#,
+            r#""1671377000000""#,
+            "1671377000",
+            "1671377000000.5",
+            "1671377000000000",
+            r#""1999-12-31T23:59:59.999Z""#,
+            r#""2100-01-01T00:00:00Z""#,
+            r#""9999-12-31T23:59:59Z""#,
+            "0",
+            "-1",
+            "true",
+            "{}",
+        ] {
+            assert_eq!(ts(raw), Err(vec!["ts"]), "{raw} was accepted");
+        }
+        assert_eq!(ts("946684800000"), Ok(Some(MIN_TS_MS)));
+        assert_eq!(ts(r#""2099-12-31T23:59:59.999Z""#), Ok(Some(MAX_TS_MS)));
+    }
+
+    #[test]
+    fn refuses_control_characters_in_ids_and_keeps_them_escaped_in_payload() {
+        let errors =
+            check(r#"{"match_id":"m","user_id":"fan\u0000","type":"cheer","team":"A\u0085"}"#)
+                .unwrap_err();
+        assert_eq!(fields(errors), vec!["user_id", "team"]);
+        let record = check(
+            r#"{"match_id":"m","user_id":"fan \ud83d\ude00","type":"chat",
+                "payload":{"text":"a\u0000b"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(record.user_id, "fan \u{1F600}");
+        assert_eq!(record.payload.as_deref(), Some(r#"{"text":"a\u0000b"}"#));
+    }
+
+    #[test]
+    fn ignores_a_client_received_at() {
+        let record = check(r#"{"match_id":"m","user_id":"u","type":"cheer","received_at":5}"#)
+            .expect("valid");
+        assert_eq!(record.received_at, NOW);
     }
 }

@@ -430,16 +430,7 @@ impl Worker {
                     reason,
                     "dead-lettering a record that is not an event"
                 );
-                batch.dead.push(DeadLetter {
-                    key,
-                    payload: payload.to_vec(),
-                    reason,
-                    source_topic: msg.topic().to_string(),
-                    source_partition: msg.partition(),
-                    source_offset: msg.offset(),
-                    attempts: 0,
-                    first_error: None,
-                });
+                batch.dead.push(DeadLetter::unreadable(msg, reason));
             }
         }
     }

@@ -56,6 +56,21 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The dead letter for a record no attempt can store (not an event, or a retry
+    /// record without readable headers): its own bytes and position, with `reason`.
+    pub fn unreadable(msg: &impl rdkafka::message::Message, reason: String) -> Self {
+        Self {
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            reason,
+            source_topic: msg.topic().to_string(),
+            source_partition: msg.partition(),
+            source_offset: msg.offset(),
+            attempts: 0,
+            first_error: None,
+        }
+    }
+
     /// The dead letter for a retried row given up after `attempts` refusals, with
     /// `reason` (the last refusal, or why the row could not be tried again).
     pub fn from_retry(letter: RetryLetter, attempts: u32, reason: String) -> Self {

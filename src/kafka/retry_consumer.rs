@@ -414,16 +414,7 @@ fn hold(held: &mut VecDeque<Held>, held_bytes: &mut usize, msg: &BorrowedMessage
             reason,
             "unreadable retry record, dead-lettering it"
         );
-        DeadLetter {
-            key: msg.key().map(<[u8]>::to_vec),
-            payload: payload.to_vec(),
-            reason,
-            source_topic: msg.topic().to_string(),
-            source_partition: msg.partition(),
-            source_offset: msg.offset(),
-            attempts: 0,
-            first_error: None,
-        }
+        DeadLetter::unreadable(msg, reason)
     });
     let record = Held {
         partition: msg.partition(),

@@ -127,6 +127,48 @@ fn render_shards(out: &mut String, shards: &[Arc<ShardMetrics>]) {
             }
         });
     }
+    render_connections(out, shards);
+}
+
+/// Per-shard connection gauge and the closes the server decided (docs/connections.md).
+fn render_connections(out: &mut String, shards: &[Arc<ShardMetrics>]) {
+    use super::shard::ConnectionStats as C;
+    header(
+        out,
+        "fanfinity_http_open_connections",
+        "gauge",
+        "Connections a shard serves right now (refused ones not included).",
+    );
+    for shard in shards {
+        let open = C::read(&shard.connections.open);
+        let _ = writeln!(
+            out,
+            "fanfinity_http_open_connections{{shard=\"{}\"}} {open}",
+            shard.shard
+        );
+    }
+    header(
+        out,
+        "fanfinity_http_connections_closed_total",
+        "counter",
+        "Connections the server answered and closed on its own, by shard and reason.",
+    );
+    for shard in shards {
+        let c = &shard.connections;
+        for (reason, value) in [
+            ("too_many_connections", &c.refused_over_limit),
+            ("header_timeout", &c.header_timeouts),
+            ("idle_timeout", &c.idle_timeouts),
+            ("malformed_request", &c.malformed),
+        ] {
+            let _ = writeln!(
+                out,
+                "fanfinity_http_connections_closed_total{{shard=\"{}\",reason=\"{reason}\"}} {}",
+                shard.shard,
+                C::read(value)
+            );
+        }
+    }
 }
 
 fn render_sink(out: &mut String, sink: &SinkStatus) {

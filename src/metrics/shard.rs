@@ -1,6 +1,7 @@
 //! Per-shard request counters and latency histogram.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -46,6 +47,35 @@ pub struct ShardStats {
 pub struct ShardMetrics {
     pub shard: usize,
     stats: Mutex<ShardStats>,
+    /// The shard's connection counts, outside the mutex: they change on every accept.
+    pub connections: ConnectionStats,
+}
+
+/// Connections a shard holds and those it closed on its own (docs/connections.md).
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections open right now, refused ones not included.
+    pub open: AtomicU64,
+    /// Answered 503 `too_many_connections` and closed at accept.
+    pub refused_over_limit: AtomicU64,
+    /// Answered 408: the request head did not arrive in time.
+    pub header_timeouts: AtomicU64,
+    /// Closed after sitting idle between requests for `http.idle_timeout_ms`.
+    pub idle_timeouts: AtomicU64,
+    /// Answered 400/414/431 by the HTTP parser and closed.
+    pub malformed: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Adds one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads a counter or gauge.
+    pub fn read(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
 }
 
 impl ShardMetrics {
@@ -53,6 +83,7 @@ impl ShardMetrics {
         Self {
             shard,
             stats: Mutex::new(ShardStats::default()),
+            connections: ConnectionStats::default(),
         }
     }
 

@@ -11,26 +11,8 @@ use std::time::Duration;
 use common::*;
 use fanfinity::auth::dev;
 use fanfinity::auth::keys::{new_key, NewKey};
-use fanfinity::auth::{KeyEntry, Role};
+use fanfinity::auth::Role;
 use serde_json::json;
-
-/// `--set` value for `auth.keys`: the entries as an inline TOML array.
-fn keys_setting(entries: &[KeyEntry]) -> String {
-    let items: Vec<String> = entries
-        .iter()
-        .map(|e| {
-            let roles: Vec<String> = e.roles.iter().map(|r| format!("\"{r}\"")).collect();
-            format!(
-                "{{id=\"{}\",name=\"{}\",roles=[{}],hash=\"{}\"}}",
-                e.id,
-                e.name,
-                roles.join(","),
-                e.hash
-            )
-        })
-        .collect();
-    format!("auth.keys=[{}]", items.join(","))
-}
 
 fn start_with_dev_keys(names: &Names) -> Server {
     let keys = keys_setting(&[dev::ingest_key().entry, dev::read_key().entry]);

@@ -15,26 +15,8 @@ use std::time::Duration;
 use common::*;
 use fanfinity::auth::dev;
 use fanfinity::auth::keys::new_key;
-use fanfinity::auth::{KeyEntry, Role};
+use fanfinity::auth::Role;
 use serde_json::json;
-
-/// `--set` value for `auth.keys`: the entries as an inline TOML array.
-fn keys_setting(entries: &[KeyEntry]) -> String {
-    let items: Vec<String> = entries
-        .iter()
-        .map(|e| {
-            let roles: Vec<String> = e.roles.iter().map(|r| format!("\"{r}\"")).collect();
-            format!(
-                "{{id=\"{}\",name=\"{}\",roles=[{}],hash=\"{}\"}}",
-                e.id,
-                e.name,
-                roles.join(","),
-                e.hash
-            )
-        })
-        .collect();
-    format!("auth.keys=[{}]", items.join(","))
-}
 
 /// Posts `count` events of `match_id` with `headers`.
 fn post_events(

@@ -596,3 +596,21 @@ impl Drop for PrivateBroker {
         }
     }
 }
+
+/// `--set` value for `auth.keys`: the entries as an inline TOML array.
+pub fn keys_setting(entries: &[fanfinity::auth::KeyEntry]) -> String {
+    let items: Vec<String> = entries
+        .iter()
+        .map(|e| {
+            let roles: Vec<String> = e.roles.iter().map(|r| format!("\"{r}\"")).collect();
+            format!(
+                "{{id=\"{}\",name=\"{}\",roles=[{}],hash=\"{}\"}}",
+                e.id,
+                e.name,
+                roles.join(","),
+                e.hash
+            )
+        })
+        .collect();
+    format!("auth.keys=[{}]", items.join(","))
+}

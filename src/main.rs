@@ -319,12 +319,7 @@ fn check_keys(config: &Config) -> Result<()> {
         warn!("auth.enabled = false: anyone who reaches this port may post and read events");
         return Ok(());
     }
-    if !config
-        .auth
-        .keys
-        .iter()
-        .any(|k| k.roles.contains(&Role::Ingest))
-    {
+    if !has_ingest_key(config) {
         anyhow::bail!(
             "auth.enabled is true but no key has the ingest role: make one with \
              `fanfinity keys new --name NAME --role ingest` and add the printed entry, or \
@@ -338,10 +333,23 @@ fn check_keys(config: &Config) -> Result<()> {
     Ok(())
 }
 
+fn has_ingest_key(config: &Config) -> bool {
+    config
+        .auth
+        .keys
+        .iter()
+        .any(|k| k.roles.contains(&Role::Ingest))
+}
+
 /// SIGHUP: reads the configuration again and replaces the key set if it is valid. Other
 /// settings need a restart.
 fn reload_keys(global: &GlobalArgs, auth: &fanfinity::auth::AuthState) {
     let loaded = load_config(global).and_then(|config| {
+        // The start-up rule holds for reloads too: a set that would lock out every
+        // client posting events is refused, not swapped in.
+        if auth.enabled && !has_ingest_key(&config) {
+            anyhow::bail!("no key in the new configuration has the ingest role");
+        }
         KeySet::from_entries(&config.auth.keys)
             .map_err(anyhow::Error::from)
             .map(|keys| (config, keys))

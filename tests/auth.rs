@@ -41,6 +41,11 @@ fn ingest_needs_an_ingest_key_and_queries_a_read_key() {
     assert_eq!(none.status, 401, "{}", none.text());
     assert_eq!(none.json()["error"], "unauthorized");
     assert_eq!(
+        none.header("connection"),
+        Some("close"),
+        "the body was not read"
+    );
+    assert_eq!(
         none.header("www-authenticate"),
         Some("Bearer realm=\"fanfinity\"")
     );
@@ -156,6 +161,44 @@ fn keys_are_replaced_on_sighup_without_a_restart() {
     assert_eq!(
         post_with(&server, &[("Authorization", &bearer(&old))], m).status,
         401
+    );
+
+    // A set with no ingest key would lock every client out: refused, the keys stay.
+    std::fs::write(
+        &file,
+        format!(
+            "[auth]\nenabled = true\n\n[[auth.keys]]\nid = \"{}\"\nroles = [\"read\"]\nhash = \"{}\"\n",
+            new.entry.id, new.entry.hash
+        ),
+    )
+    .expect("write");
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        post_with(&server, &[("Authorization", &bearer(&new))], m).status,
+        202
+    );
+
+    // A set with no ingest key would lock every client out: refused, the keys stay.
+    std::fs::write(
+        &file,
+        format!(
+            "[auth]\nenabled = true\n\n[[auth.keys]]\nid = \"{}\"\nroles = [\"read\"]\nhash = \"{}\"\n",
+            new.entry.id, new.entry.hash
+        ),
+    )
+    .expect("write");
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        post_with(&server, &[("Authorization", &bearer(&new))], m).status,
+        202
     );
 
     // A broken file is refused and the keys in force stay.

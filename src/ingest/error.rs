@@ -27,7 +27,7 @@ pub enum IngestError {
     },
     #[error(
         "content type {content_type:?} is not supported; \
-         use application/json or application/x-ndjson"
+         use application/json, text/plain, application/x-ndjson or application/ndjson"
     )]
     UnsupportedMediaType { content_type: String },
     #[error("request body exceeds {limit_bytes} bytes")]
@@ -193,9 +193,13 @@ impl IngestError {
     pub fn extra_headers(&self) -> &'static [(http::header::HeaderName, &'static str)] {
         use http::header::{ACCEPT_ENCODING, CONNECTION};
         match self {
+            // Refused before (or while) the body is read: hyper cannot reuse the
+            // connection, so say so rather than let the client find a closed socket.
             IngestError::BodyTimeout { .. }
             | IngestError::BodyRead { .. }
-            | IngestError::PayloadTooLarge { .. } => &[(CONNECTION, "close")],
+            | IngestError::PayloadTooLarge { .. }
+            | IngestError::Denied(_)
+            | IngestError::RateLimited(_) => &[(CONNECTION, "close")],
             IngestError::UnsupportedEncoding { .. } => &[(ACCEPT_ENCODING, "gzip")],
             _ => &[],
         }

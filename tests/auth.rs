@@ -26,6 +26,21 @@ fn post_with(server: &Server, headers: &[(&str, &str)], match_id: &str) -> Respo
     request(&server.addr(), "POST", "/v1/events", &all, body.as_bytes())
 }
 
+/// SIGHUP to the server: re-read its configuration.
+fn send_hup(pid: &str) {
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", pid])
+        .status()
+        .expect("kill -HUP");
+    assert!(sent.success());
+}
+
+/// SIGHUP, then time for a reload that must be refused (nothing observable changes).
+fn hup_and_settle(pid: &str) {
+    send_hup(pid);
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 fn bearer(key: &NewKey) -> String {
     format!("Bearer {}", key.key)
 }
@@ -148,11 +163,7 @@ fn keys_are_replaced_on_sighup_without_a_restart() {
 
     write_keys(&new);
     let pid = server.child.as_ref().expect("running").id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill -HUP");
-    assert!(sent.success());
+    send_hup(&pid);
     eventually(
         Duration::from_secs(10),
         "the new key to be accepted",
@@ -172,30 +183,7 @@ fn keys_are_replaced_on_sighup_without_a_restart() {
         ),
     )
     .expect("write");
-    std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill -HUP");
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        post_with(&server, &[("Authorization", &bearer(&new))], m).status,
-        202
-    );
-
-    // A set with no ingest key would lock every client out: refused, the keys stay.
-    std::fs::write(
-        &file,
-        format!(
-            "[auth]\nenabled = true\n\n[[auth.keys]]\nid = \"{}\"\nroles = [\"read\"]\nhash = \"{}\"\n",
-            new.entry.id, new.entry.hash
-        ),
-    )
-    .expect("write");
-    std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill -HUP");
-    std::thread::sleep(Duration::from_millis(500));
+    hup_and_settle(&pid);
     assert_eq!(
         post_with(&server, &[("Authorization", &bearer(&new))], m).status,
         202
@@ -203,11 +191,7 @@ fn keys_are_replaced_on_sighup_without_a_restart() {
 
     // A broken file is refused and the keys in force stay.
     std::fs::write(&file, "[auth]\nkeys = \"not a list\"\n").expect("write");
-    std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill -HUP");
-    std::thread::sleep(Duration::from_millis(500));
+    hup_and_settle(&pid);
     assert_eq!(
         post_with(&server, &[("Authorization", &bearer(&new))], m).status,
         202

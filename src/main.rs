@@ -59,6 +59,10 @@ enum Command {
     Ingest,
     /// Sink consumers only: Kafka -> ClickHouse.
     Consume,
+    /// Benchmark only: the HTTP shards answering every event post 202 after reading its
+    /// body, without decoding it or touching Kafka (the HTTP layer's ceiling; see
+    /// benches/compare). Never deploy it: it accepts and drops events.
+    NoopServer,
     /// Kafka topic administration.
     Topics {
         #[command(subcommand)]
@@ -193,6 +197,7 @@ fn run(command: Command, config: Config, global: &GlobalArgs) -> Result<()> {
         Command::Serve => run_service(config, Roles::SERVE, global),
         Command::Ingest => run_service(config, Roles::INGEST, global),
         Command::Consume => run_service(config, Roles::CONSUME, global),
+        Command::NoopServer => run_noop_server(config, global),
         Command::Keys {
             action: KeysAction::New { name, roles },
         } => {
@@ -305,6 +310,21 @@ fn run_service(config: Config, roles: Roles, global: &GlobalArgs) -> Result<()> 
     info!(roles = ?roles, config = %config.redacted_toml(), "starting fanfinity");
     let context = AppContext::start(config, roles).context("start-up failed")?;
     info!("fanfinity running; SIGTERM or Ctrl-C to stop, SIGHUP to reload keys");
+    let auth = context.auth();
+    shutdown::wait_for_signal(signals, || reload_keys(global, &auth))
+        .context("cannot install signal handlers")?;
+    context.shutdown();
+    Ok(())
+}
+
+/// `noop-server`: the shards alone, with the same signals and shutdown as the service.
+fn run_noop_server(config: Config, global: &GlobalArgs) -> Result<()> {
+    limits::raise_limits();
+    check_keys(&config)?;
+    let signals = shutdown::install().context("cannot install signal handlers")?;
+    warn!(listen = %config.http.listen,
+        "noop-server: answering event posts 202 and DROPPING them (benchmark only)");
+    let context = AppContext::start_noop(config).context("start-up failed")?;
     let auth = context.auth();
     shutdown::wait_for_signal(signals, || reload_keys(global, &auth))
         .context("cannot install signal handlers")?;

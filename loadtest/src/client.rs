@@ -276,9 +276,9 @@ pub struct PoolSettings {
     pub seed: u64,
 }
 
-/// What a worker does with a batch after an attempt.
+/// What a worker (or an open-model request) does with a batch after an attempt.
 #[derive(Debug, PartialEq)]
-enum Next {
+pub enum Next {
     End(BatchEnd),
     Retry(Option<Duration>),
 }
@@ -299,7 +299,7 @@ struct Refusal {
 }
 
 /// Classifies an attempt: the key it is counted under, and what comes next.
-fn classify(result: &Result<Answer, SendError>) -> (String, Next) {
+pub fn classify(result: &Result<Answer, SendError>) -> (String, Next) {
     let answer = match result {
         Ok(answer) => answer,
         Err(e) => return (e.status_key().to_string(), Next::Retry(None)),

@@ -1,9 +1,10 @@
-//! A throwaway stand-in for the fanfinity server and ClickHouse, for the replay's tests.
+//! A throwaway stand-in for the fanfinity server and ClickHouse, for the loadtest's tests.
 //!
-//! It speaks just enough of the contract: `GET /readyz`, `POST /v1/events` (checks each
-//! event against the API rules on its own, answers 202 with the ids, and on a schedule
-//! answers 503 or drops the connection), `GET /v1/matches/{id}/metrics`, and ClickHouse's
-//! `POST /` for the two queries `verify.rs` sends. It listens on 127.0.0.1, port 0.
+//! It speaks just enough of the contract: `GET /readyz` and `/healthz`, `POST /v1/events`
+//! (one object, an array or NDJSON; checks each event against the API rules on its own,
+//! answers 202 with the ids, and on a schedule answers 503 or drops the connection),
+//! `GET /v1/matches/{id}/metrics`, and ClickHouse's `POST /` for the two queries
+//! `verify.rs` sends. It listens on 127.0.0.1, port 0.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -141,6 +142,7 @@ async fn handle(
 
     match (method, path.as_str()) {
         (Method::GET, "/readyz") => Ok(reply(StatusCode::OK, "ready")),
+        (Method::GET, "/healthz") => Ok(reply(StatusCode::OK, "ok")),
         (Method::POST, "/v1/events") => ingest(&body, &state, &config),
         (Method::POST, "/") => Ok(clickhouse(&body, &state)),
         (Method::GET, p) if p.starts_with("/v1/matches/") && p.ends_with("/metrics") => {
@@ -209,12 +211,24 @@ fn ingest(
     s.requests += 1;
     let n = s.requests;
 
-    let events: Vec<Value> = match serde_json::from_slice(body) {
-        Ok(Value::Array(events)) => events,
-        _ => {
-            let refusal = r#"{"error":"invalid_json","message":"body must be a JSON array"}"#;
-            return Ok(reply(StatusCode::BAD_REQUEST, refusal));
-        }
+    // One object, an array, or NDJSON, like the real server.
+    let parsed = match serde_json::from_slice(body) {
+        Ok(Value::Array(events)) => Some(events),
+        Ok(one @ Value::Object(_)) => Some(vec![one]),
+        _ => body
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .map(|line| {
+                serde_json::from_slice::<Value>(line)
+                    .ok()
+                    .filter(Value::is_object)
+            })
+            .collect::<Option<Vec<Value>>>()
+            .filter(|events| !events.is_empty()),
+    };
+    let Some(events) = parsed else {
+        let refusal = r#"{"error":"invalid_json","message":"body is not JSON or NDJSON"}"#;
+        return Ok(reply(StatusCode::BAD_REQUEST, refusal));
     };
     let mut checked = Vec::with_capacity(events.len());
     for e in &events {

@@ -37,9 +37,11 @@ pub struct Config {
 pub struct HttpConfig {
     /// Address every shard binds (SO_REUSEPORT spreads connections across them).
     pub listen: SocketAddr,
-    /// Number of shards (executors). 0 means one per online core.
+    /// Number of shards (executors). 0 means one per core the process may run on (its
+    /// affinity mask).
     pub shards: usize,
-    /// First CPU to pin shard 0 to; shard `i` goes to `(first_core + i) % cores`.
+    /// First CPU to pin shard 0 to; shard `i` goes to `(first_core + i) % N`, N being the
+    /// CPUs online (see [`online_cpus`]).
     pub first_core: usize,
     /// Largest request body read, in bytes. Bigger bodies get 413 without being read
     /// when they announce their length.
@@ -70,6 +72,18 @@ pub struct HttpConfig {
     /// Locked memory glommio reserves per executor for registered I/O buffers. Ingest
     /// does no file I/O, so this stays small; see `tuning/README.md`.
     pub io_memory_bytes: usize,
+    /// Entries in each of the three io_uring rings glommio gives a shard (main, latency
+    /// and poll; `LocalExecutorBuilder::ring_depth`): how many operations a shard hands the
+    /// kernel in one submission (more wait in glommio's queue for the next one). It is
+    /// also how many I/O completions may pile up before a busy shard stops running tasks
+    /// to collect them. The kernel rounds it up to a power of two and refuses more than
+    /// 32768. 128 is glommio 0.9's default.
+    pub ring_depth: usize,
+    /// Longest a saturated shard runs tasks before it collects completed I/O again (new
+    /// connections, arrived bytes, finished writes), in ms (`LocalExecutorBuilder::
+    /// preempt_timer`). A shard whose tasks run out collects I/O at once, so this only
+    /// matters under load. 100 is glommio 0.9's default.
+    pub preempt_timer_ms: u64,
     /// Origins whose browser pages may post events (CORS), as `scheme://host[:port]`.
     /// Empty: no CORS headers at all. `["*"]`: any origin; fanfinity never sends
     /// `Access-Control-Allow-Credentials`, so keys travel in headers set by the page, not
@@ -90,6 +104,10 @@ pub struct HttpConfig {
     /// Open connections one shard serves at once; a connection past it is answered 503
     /// `too_many_connections` with `Retry-After` and closed, without touching the others.
     pub max_connections_per_shard: usize,
+    /// Hand a newly accepted connection to the least-loaded shard when its own shard
+    /// serves at least two more (`ingest/balance.rs`): SO_REUSEPORT's hash leaves the
+    /// few long-lived connections of a load balancer unevenly spread.
+    pub balance_connections: bool,
     /// A second address serving only `/metrics`, `/healthz` and `/readyz` (shard 0 binds
     /// it); when set, the public listener answers 404 for those. Unset: they are public,
     /// as before.
@@ -113,11 +131,14 @@ impl Default for HttpConfig {
             shutdown_grace_ms: 10_000,
             listen_backlog: 4096,
             io_memory_bytes: 512 * 1024,
+            ring_depth: 128,
+            preempt_timer_ms: 100,
             cors_allowed_origins: Vec::new(),
             cors_max_age_secs: 600,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 75_000,
             max_connections_per_shard: 10_000,
+            balance_connections: true,
             admin_listen: None,
         }
     }
@@ -574,7 +595,7 @@ impl Config {
         if self.consumer.threads == 0 {
             return invalid("consumer.threads", "must be at least 1");
         }
-        let cores = online_cores();
+        let cores = online_cpus();
         if let Some(core) = self.consumer.cores.iter().find(|c| **c >= cores) {
             return invalid(
                 "consumer.cores",
@@ -606,6 +627,16 @@ impl Config {
         }
         if self.http.io_memory_bytes < 64 * 1024 {
             return invalid("http.io_memory_bytes", "must be at least 65536");
+        }
+        // glommio panics on a depth of 0; io_uring_setup refuses more than 32768 entries.
+        if !(1..=MAX_RING_DEPTH).contains(&self.http.ring_depth) {
+            return invalid(
+                "http.ring_depth",
+                "must be 1-32768 (the kernel's io_uring limit)",
+            );
+        }
+        if !(1..=MAX_PREEMPT_TIMER_MS).contains(&self.http.preempt_timer_ms) {
+            return invalid("http.preempt_timer_ms", "must be 1-1000");
         }
         if self.http.retry_after_secs == 0 {
             return invalid("http.retry_after_secs", "must be at least 1");
@@ -688,15 +719,23 @@ impl Config {
         toml::to_string(&shown).unwrap_or_else(|err| format!("<unprintable: {err}>"))
     }
 
-    /// Number of shards to start: the configured count, or one per online core.
+    /// Number of shards to start: the configured count, or one per core this process may
+    /// run on (its affinity mask, so `taskset` or a container's cpuset shrink the default).
     pub fn shard_count(&self) -> usize {
         if self.http.shards > 0 {
             self.http.shards
         } else {
-            online_cores()
+            schedulable_cores()
         }
     }
 }
+
+/// Most entries io_uring_setup accepts for one ring (the kernel's `IORING_MAX_ENTRIES`).
+const MAX_RING_DEPTH: usize = 32_768;
+
+/// Longest preempt timer accepted: past a second, one saturated shard would leave its
+/// sockets unread for longer than any client waits politely.
+const MAX_PREEMPT_TIMER_MS: u64 = 1_000;
 
 /// Reads a command-line value as a TOML scalar where it is one, else as a string, so
 /// `--set http.shards=2` is a number and `--set kafka.brokers=host:9092` a string.
@@ -710,9 +749,33 @@ fn parse_scalar(raw: &str) -> toml::Value {
     }
 }
 
-/// Online cores, as the shards and consumers will see them.
-fn online_cores() -> usize {
+/// Cores this process may run on: its affinity mask, within any cgroup CPU quota.
+fn schedulable_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CPUs the machine has online (the highest id in `/sys/devices/system/cpu/online`, plus
+/// one): the numbers `http.first_core` and `consumer.cores` address, and the ones glommio
+/// accepts for a pinned shard. Not the affinity mask: `isolcpus=` and systemd's
+/// `CPUAffinity=` shrink the mask to the housekeeping cores, and counting it would refuse
+/// shards on the cores set aside for them, or wrap them onto the housekeeping ones
+/// (`tuning/README.md`). Falls back to the mask where sysfs cannot be read.
+pub fn online_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|list| highest_cpu(&list))
+        .map_or_else(schedulable_cores, |highest| highest + 1)
+}
+
+/// The highest CPU in a kernel CPU list such as `0-3,6,8-11`; `None` when it does not
+/// parse.
+fn highest_cpu(list: &str) -> Option<usize> {
+    let mut highest = None;
+    for range in list.trim().split(',') {
+        let last: usize = range.rsplit('-').next()?.parse().ok()?;
+        highest = highest.max(Some(last));
+    }
+    highest
 }
 
 /// Hides a password written into a URL (`http://user:secret@host` -> `http://user:<redacted>@host`).
@@ -818,6 +881,43 @@ mod tests {
                 "{bad} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn glommio_defaults_are_glommio_0_9_defaults() {
+        let http = HttpConfig::default();
+        assert_eq!(http.ring_depth, 128);
+        assert_eq!(http.preempt_timer_ms, 100);
+    }
+
+    #[test]
+    fn refuses_ring_depth_and_preempt_timer_glommio_or_the_kernel_would_refuse() {
+        for bad in [
+            "http.ring_depth=0",
+            "http.ring_depth=32769",
+            "http.preempt_timer_ms=0",
+            "http.preempt_timer_ms=1001",
+        ] {
+            let err = Config::load_from(None, false, &overrides(&[bad])).unwrap_err();
+            let field = bad.split_once('=').map_or(bad, |(field, _)| field);
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
+        let edges = overrides(&["http.ring_depth=32768", "http.preempt_timer_ms=1"]);
+        let config = Config::load_from(None, false, &edges).expect("edges are valid");
+        assert_eq!(config.http.ring_depth, 32_768);
+        assert_eq!(config.http.preempt_timer_ms, 1);
+        let low = overrides(&["http.ring_depth=1", "http.preempt_timer_ms=1000"]);
+        assert!(Config::load_from(None, false, &low).is_ok());
+    }
+
+    #[test]
+    fn reads_the_highest_cpu_of_a_kernel_cpu_list() {
+        assert_eq!(highest_cpu("0-1\n"), Some(1));
+        assert_eq!(highest_cpu("0"), Some(0));
+        assert_eq!(highest_cpu("0-3,6,8-11"), Some(11));
+        assert_eq!(highest_cpu("8-11,0-3"), Some(11));
+        assert_eq!(highest_cpu(""), None);
+        assert_eq!(highest_cpu("0-x"), None);
     }
 
     #[test]

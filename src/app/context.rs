@@ -163,7 +163,7 @@ impl AppContext {
             Some(producer) => {
                 let shared = Arc::new(IngestShared {
                     config: Arc::clone(&config),
-                    producer: Arc::clone(producer),
+                    producer: Some(Arc::clone(producer)),
                     query: query.clone(),
                     shard_metrics: shard_metrics(config.shard_count()),
                     sink: roles.sink.then(|| Arc::clone(&sink_status)),
@@ -185,6 +185,44 @@ impl AppContext {
             consumers,
             stopping,
             consumers_stop,
+            auth,
+        })
+    }
+
+    /// Starts only the shards, with no producer, query runtime or sink: the no-op
+    /// benchmark server (`fanfinity noop-server`). Every connection, timeout, cap, auth
+    /// and rate-limit rule of the real server applies; an event post is read and answered
+    /// 202 without being decoded or sent to Kafka, so benches/compare can show what the
+    /// HTTP layer alone costs. Nothing here touches Kafka or ClickHouse.
+    ///
+    /// # Errors
+    /// A shard that cannot start or bind.
+    pub fn start_noop(config: Config) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        let stopping = Arc::new(AtomicBool::new(false));
+        // validate() already refused malformed entries, so this cannot fail here.
+        let keys = KeySet::from_entries(&config.auth.keys).unwrap_or_default();
+        let auth = Arc::new(AuthState::new(config.auth.enabled, keys));
+        let shared = Arc::new(IngestShared {
+            config: Arc::clone(&config),
+            producer: None,
+            query: None,
+            shard_metrics: shard_metrics(config.shard_count()),
+            sink: None,
+            stopping: Arc::clone(&stopping),
+            auth: Arc::clone(&auth),
+        });
+        let shards = start_shards(shared)?;
+        Ok(Self {
+            config,
+            producer: None,
+            query: None,
+            shards: Some(shards),
+            sink_status: Arc::new(SinkStatus::default()),
+            sink_starter: None,
+            consumers: Arc::new(Mutex::new(Vec::new())),
+            stopping,
+            consumers_stop: Arc::new(AtomicBool::new(false)),
             auth,
         })
     }

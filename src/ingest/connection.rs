@@ -11,7 +11,8 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_lite::future::Future;
+use bytes::Bytes;
+use futures_lite::future::{self, Future};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use hyper::server::conn::http1;
@@ -55,22 +56,36 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// answer is a few hundred bytes, which fit in any socket buffer.
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
 
-/// Why the serving loop ended.
+/// Why the active loop ended.
 enum Ended {
+    /// hyper is idle between requests: the connection parks.
+    Idle,
     /// hyper finished: the client closed, or a `Connection: close` answer was sent.
     Hyper(hyper::Result<()>),
     /// The phase's deadline passed: header or idle timeout.
     TimedOut(Phase),
 }
 
-/// Serves one connection with hyper until it closes.
+/// Serves one connection until it closes, alternating between two states:
 ///
-/// When the shard stops, the connection finishes its current request and closes (hyper's
-/// graceful shutdown) instead of waiting for the client to go away. Hyper closes a
-/// connection at once if it has not read a byte yet, even when the client's request is
-/// already in the socket; so a connection still silent at the stop (typically one just
-/// accepted, or drained from the accept queue) gets up to [`FIRST_REQUEST_WAIT`] for its
-/// first bytes and is then served its one request like any other.
+/// - **Parked**, between requests: the task holds the socket and a few counters, and
+///   waits for the first byte of the next request with a one-byte read (which, on
+///   glommio, asks io_uring for readiness without lending it a buffer).
+/// - **Active**, from that byte until hyper has written the answer and is waiting for
+///   more: a hyper connection serves the request(s), and is then taken apart again.
+///
+/// Why: a hyper connection costs about 16 KiB of buffers (8 KiB read, 8 KiB for
+/// answer heads) plus its state, whether or not a request is in progress. Measured
+/// with 10,000 held connections (docs/connections.md), a connection kept in hyper
+/// between requests cost 24-30 KB of RSS; parked, a few KB. 50,000 keep-alive
+/// connections, most of them idle at any instant, are the goal-spike case. The price is
+/// one hyper connection built per burst of requests (a few allocations).
+///
+/// When the shard stops, an active connection finishes its current request and closes
+/// (hyper's graceful shutdown); a parked one that has served a request closes at once; a
+/// connection that has sent nothing yet (typically one just accepted, or drained from
+/// the accept queue) gets up to [`FIRST_REQUEST_WAIT`] for its first bytes and is then
+/// served its one request like any other.
 ///
 /// `listener` is set on every request, so the handler knows which endpoints it may
 /// serve (see `http.admin_listen`).
@@ -89,13 +104,136 @@ pub(super) async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream, l
     if let Err(err) = stream.set_nodelay(true) {
         debug!(shard = ctx.shard, error = %err, "cannot set TCP_NODELAY");
     }
+    let watch = ConnWatch::new(Instant::now());
+    let mut stream = stream;
+    let mut prefix = Bytes::new();
+    loop {
+        if prefix.is_empty() {
+            match park(&ctx, &mut stream, &watch).await {
+                Wake::Byte(byte) => prefix = Bytes::copy_from_slice(&[byte]),
+                Wake::Closed => return,
+                Wake::TimedOut(phase) => return timed_out(&ctx, stream, &watch, phase).await,
+            }
+        }
+        // Boxed, so a parked connection's task does not keep room for hyper's state.
+        let active = Box::pin(serve_active(&ctx, stream, prefix, &watch, listener));
+        match active.await {
+            Some((parked, rest)) => (stream, prefix) = (parked, rest),
+            None => return,
+        }
+    }
+}
+
+/// What ended a parked connection's wait.
+enum Wake {
+    /// The first byte of the next request.
+    Byte(u8),
+    /// The client closed (or the socket failed), or the shard stopped.
+    Closed,
+    /// The phase's deadline passed: header timeout for a new connection, idle timeout
+    /// for a keep-alive one.
+    TimedOut(Phase),
+}
+
+/// Waits, without hyper, for the next request's first byte (see [`serve_connection`]).
+async fn park(ctx: &ShardContext, stream: &mut TcpStream, watch: &ConnWatch) -> Wake {
+    let http = &ctx.shared.config.http;
+    let phase = watch.phase();
+    let due = match phase {
+        Phase::Head { since } => since + Duration::from_millis(http.header_read_timeout_ms),
+        Phase::Idle { since } => since + Duration::from_millis(http.idle_timeout_ms),
+        // Not parked while serving; counted from now if it ever happens.
+        Phase::Serving => Instant::now() + Duration::from_millis(http.idle_timeout_ms),
+    };
+    let read = async {
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte).await {
+            Ok(1) => Wake::Byte(byte[0]),
+            Ok(_) => Wake::Closed,
+            Err(err) => {
+                debug!(shard = ctx.shard, error = %err, "parked connection failed");
+                Wake::Closed
+            }
+        }
+    };
+    let stop = async {
+        ctx.stop.wait().await;
+        if !watch.heard() {
+            glommio::timer::sleep(FIRST_REQUEST_WAIT).await;
+        }
+        Wake::Closed
+    };
+    let deadline = async {
+        glommio::timer::sleep(due.saturating_duration_since(Instant::now())).await;
+        Wake::TimedOut(phase)
+    };
+    // The read first: a byte that is already there wins over a stop or a deadline.
+    future::or(read, future::or(stop, deadline)).await
+}
+
+/// Closes a connection whose header or idle deadline passed while it was parked.
+async fn timed_out(ctx: &ShardContext, stream: TcpStream, watch: &ConnWatch, phase: Phase) {
+    let http = &ctx.shared.config.http;
+    let stats = &ctx.metrics.connections;
+    if let Phase::Head { .. } = phase {
+        ConnectionStats::bump(&stats.header_timeouts);
+        debug!(
+            shard = ctx.shard,
+            timeout_ms = http.header_read_timeout_ms,
+            "request head not received in time, answering 408"
+        );
+        // Parked only once hyper wrote everything, so nothing is half-written here.
+        debug_assert!(!watch.write_blocked());
+        let err = IngestError::HeaderTimeout {
+            timeout_ms: http.header_read_timeout_ms,
+        };
+        answer_and_close(stream, &canned_answer(&err, http.retry_after_secs)).await;
+    } else {
+        ConnectionStats::bump(&stats.idle_timeouts);
+        debug!(
+            shard = ctx.shard,
+            timeout_ms = http.idle_timeout_ms,
+            "keep-alive connection idle too long, closing"
+        );
+    }
+}
+
+/// Whether `headers` carry `token` in `Connection`.
+fn connection_has(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether a request lets the connection stay open after its answer: HTTP/1.1 without
+/// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive` (RFC 9112, 9.3).
+fn request_keeps_alive(version: http::Version, headers: &http::HeaderMap) -> bool {
+    match version {
+        http::Version::HTTP_11 => !connection_has(headers, "close"),
+        http::Version::HTTP_10 => connection_has(headers, "keep-alive"),
+        _ => false,
+    }
+}
+
+/// Serves requests with hyper from the byte(s) in `prefix` on, until hyper is idle
+/// again (returns the socket and any bytes it read past the last request, to park) or
+/// the connection ends (returns `None`).
+async fn serve_active(
+    ctx: &Rc<ShardContext>,
+    stream: TcpStream,
+    prefix: Bytes,
+    watch: &Rc<ConnWatch>,
+    listener: Listener,
+) -> Option<(TcpStream, Bytes)> {
     let http = &ctx.shared.config.http;
     let header_timeout = Duration::from_millis(http.header_read_timeout_ms);
     let idle_timeout = Duration::from_millis(http.idle_timeout_ms);
-    let watch = ConnWatch::new(Instant::now());
 
-    let service_ctx = Rc::clone(&ctx);
-    let service_watch = Rc::clone(&watch);
+    let service_ctx = Rc::clone(ctx);
+    let service_watch = Rc::clone(watch);
     // The rate limits count clients by address (see `rate_limit.rs`).
     let peer = stream.peer_addr().ok().map(super::rate_limit::PeerAddr);
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -106,24 +244,31 @@ pub(super) async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream, l
         let ctx = Rc::clone(&service_ctx);
         let watch = Rc::clone(&service_watch);
         let conflicting_length = watch.request_started();
-        async move {
+        // Boxed: hyper keeps room for one service future per connection, and the
+        // handler's is large; this way it is only allocated while a request runs.
+        Box::pin(async move {
+            let keep_alive = request_keeps_alive(req.version(), req.headers());
             let answer = if conflicting_length {
                 refuse_conflicting_length(&ctx)
             } else {
                 handle(&ctx, req).await
             };
+            if !keep_alive || connection_has(answer.headers(), "close") {
+                watch.set_closing();
+            }
             watch.request_finished();
             Ok::<_, Infallible>(answer)
-        }
+        })
     });
-    let io = WatchedStream::new(HyperStream(stream), Rc::clone(&watch));
-    let mut conn = http1::Builder::new()
-        .keep_alive(true)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_header_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS)
-        .serve_connection(io, service);
-
+    let io = WatchedStream::new(HyperStream(stream), Rc::clone(watch), prefix);
+    let mut conn = Box::new(
+        http1::Builder::new()
+            .keep_alive(true)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_header_size(MAX_HEAD_BYTES)
+            .max_headers(MAX_HEADERS)
+            .serve_connection(io, service),
+    );
     let mut stop = pin!(ctx.stop.wait());
     let mut silence: Option<Pin<Box<glommio::timer::Timer>>> = None;
     let mut shutting = false;
@@ -136,11 +281,11 @@ pub(super) async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream, l
         if let (false, Some(timer)) = (shutting, silence.as_mut()) {
             if watch.heard() || timer.as_mut().poll(cx).is_ready() {
                 shutting = true;
-                Pin::new(&mut conn).graceful_shutdown();
+                Pin::new(&mut *conn).graceful_shutdown();
             }
         }
         let heard_before = watch.heard();
-        match Pin::new(&mut conn).poll(cx) {
+        match Pin::new(&mut *conn).poll(cx) {
             Poll::Ready(result) => return Poll::Ready(Ended::Hyper(result)),
             // The first bytes came in during this poll, after the stop: shut down now.
             Poll::Pending if silence.is_some() && !shutting && watch.heard() && !heard_before => {
@@ -150,6 +295,11 @@ pub(super) async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream, l
         }
 
         let phase = watch.phase();
+        // hyper answered, wrote all of it and waits for the next request: park.
+        let idle = matches!(phase, Phase::Idle { .. });
+        if idle && !shutting && !watch.closing() && !watch.write_blocked() {
+            return Poll::Ready(Ended::Idle);
+        }
         let due = match phase {
             Phase::Head { since } => since + header_timeout,
             Phase::Idle { since } => since + idle_timeout,
@@ -173,6 +323,13 @@ pub(super) async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream, l
 
     let stats = &ctx.metrics.connections;
     match ended {
+        Ended::Idle => {
+            let parts = conn.into_parts();
+            // Copied out: the buffer hyper hands back keeps its whole 8 KiB allocation
+            // alive, even when empty (it almost always is).
+            let rest = Bytes::copy_from_slice(&parts.read_buf);
+            return Some((parts.io.into_inner().0, rest));
+        }
         Ended::Hyper(Ok(())) if watch.refused_framing() => {
             // The client may still be sending the body and whatever it smuggled behind.
             close_gently(conn.into_parts().io.into_inner().0).await;
@@ -218,6 +375,7 @@ pub(super) async fn serve_connection(ctx: Rc<ShardContext>, stream: TcpStream, l
             );
         }
     }
+    None
 }
 
 /// The answer to a request with both Content-Length and Transfer-Encoding: 400
@@ -281,7 +439,8 @@ async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
 async fn close_gently(mut stream: TcpStream) {
     // hyper may have half-closed it already; a second shutdown changes nothing.
     let _ = stream.shutdown(Shutdown::Write).await;
-    let mut sink = [0u8; 4096];
+    // On the heap: this future sits inside every connection's task, lingering or not.
+    let mut sink = vec![0u8; 4096];
     let _ = glommio::timer::timeout(LINGER, async {
         let mut discarded = 0;
         while discarded < LINGER_BYTES {

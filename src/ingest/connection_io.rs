@@ -14,6 +14,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::StatusCode;
 
 use super::error::IngestError;
@@ -47,6 +48,10 @@ pub(super) struct ConnWatch {
     conflicting_length: Cell<Option<bool>>,
     /// A request on this connection was refused for its framing: close it gently.
     refused_framing: Cell<bool>,
+    /// The last exchange ends the connection (the client asked for `Connection: close`
+    /// or HTTP/1.0, or the answer says `Connection: close`), so hyper must be left to
+    /// close it rather than the connection parked (`connection.rs`).
+    closing: Cell<bool>,
 }
 
 /// Which framing headers a request head carries, read as its bytes arrive: hyper drops
@@ -131,6 +136,7 @@ impl ConnWatch {
             scan: Cell::new(HeadScan::start()),
             conflicting_length: Cell::new(None),
             refused_framing: Cell::new(false),
+            closing: Cell::new(false),
         })
     }
 
@@ -165,6 +171,16 @@ impl ConnWatch {
     /// Whether a request was refused for its framing (the answer closes the connection).
     pub(super) fn refused_framing(&self) -> bool {
         self.refused_framing.get()
+    }
+
+    /// The exchange in progress ends the connection.
+    pub(super) fn set_closing(&self) {
+        self.closing.set(true);
+    }
+
+    /// Whether hyper will close the connection after the current exchange.
+    pub(super) fn closing(&self) -> bool {
+        self.closing.get()
     }
 
     /// The handler's answer is ready; the connection idles until the next request.
@@ -241,14 +257,19 @@ pub(super) struct WatchedStream {
     watch: Rc<ConnWatch>,
     /// The JSON answer standing in for hyper's bare one, and how much of it went out.
     replacement: Option<(Vec<u8>, usize)>,
+    /// Bytes read from the socket before this hyper connection existed (the byte that
+    /// woke a parked connection, or what an earlier one left unparsed), served first.
+    prefix: Bytes,
 }
 
 impl WatchedStream {
-    pub(super) fn new(inner: HyperStream, watch: Rc<ConnWatch>) -> Self {
+    /// Wraps a socket whose next bytes are `prefix`, then what the socket holds.
+    pub(super) fn new(inner: HyperStream, watch: Rc<ConnWatch>, prefix: Bytes) -> Self {
         Self {
             inner,
             watch,
             replacement: None,
+            prefix,
         }
     }
 
@@ -280,10 +301,17 @@ impl hyper::rt::Read for WatchedStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let watch = &this.watch;
+        if !this.prefix.is_empty() {
+            let taken = this.prefix.split_to(this.prefix.len().min(buf.remaining()));
+            buf.put_slice(&taken);
+            watch.heard.set(true);
+            watch.bytes_arrived(&taken);
+            return Poll::Ready(Ok(()));
+        }
         this.inner.poll_read_seen(cx, buf, |bytes| {
             watch.heard.set(true);
             if !bytes.is_empty() {

@@ -3,6 +3,9 @@
 //! Routes: `POST /v1/events`, `GET /v1/matches/{id}/metrics`, `GET /healthz`,
 //! `GET /readyz`, `GET /metrics`. Every failure goes through [`IngestError`], which owns
 //! the status and JSON body; this module only decides which error applies.
+//!
+//! In the no-op benchmark server (no producer) an event post is read and answered 202
+//! without being decoded or produced; see [`discard_events`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -214,8 +217,11 @@ async fn post_events(
         .and_then(|v| v.to_str().ok());
     let format = BodyFormat::from_content_type(content_type)?;
     let coding = ContentCoding::from_headers(req.headers())?;
+    let Some(producer) = shared.producer.as_deref() else {
+        return discard_events(ctx, req, coding).await;
+    };
     // Refuse early when Kafka cannot take anything, before reading the body.
-    shared.producer.check_capacity(1)?;
+    producer.check_capacity(1)?;
     let holds = declared_length(&req).map_or(http.max_body_bytes, |len| {
         usize::try_from(len).map_or(http.max_body_bytes, |len| len.min(http.max_body_bytes))
     });
@@ -254,7 +260,7 @@ async fn post_events(
             payload,
         });
     }
-    let ack = shared.producer.send_batch(&outgoing)?;
+    let ack = producer.send_batch(&outgoing)?;
     let timeout = Duration::from_millis(http.ack_timeout_ms);
     let delivered = glommio::timer::timeout(timeout, async { Ok(ack.await) }).await;
     match delivered {
@@ -281,6 +287,36 @@ async fn post_events(
     Ok((json(StatusCode::ACCEPTED, &body), ids.len() as u64))
 }
 
+#[derive(Serialize)]
+struct Discarded {
+    accepted: usize,
+    noop: bool,
+}
+
+/// The no-op benchmark server's `POST /v1/events` (no producer): reads the body within
+/// the same limits and deadline as the real path, then answers 202
+/// `{"accepted":0,"noop":true}` without decoding it. What it leaves out (decoding,
+/// validation, encoding, Kafka) is exactly what benches/compare sets against the HTTP
+/// layer's cost, so nothing else may be skipped here.
+async fn discard_events(
+    ctx: &ShardContext,
+    req: Request<Incoming>,
+    coding: ContentCoding,
+) -> Outcome {
+    let http = &ctx.shared.config.http;
+    let limits = BodyLimits {
+        max_body_bytes: http.max_body_bytes,
+        read_timeout: Duration::from_millis(http.body_read_timeout_ms),
+    };
+    let declared = declared_length(&req);
+    read_body(req.into_body(), declared, coding, limits).await?;
+    let body = Discarded {
+        accepted: 0,
+        noop: true,
+    };
+    Ok((json(StatusCode::ACCEPTED, &body), 0))
+}
+
 /// The body length the client announced, if any.
 fn declared_length(req: &Request<Incoming>) -> Option<u64> {
     req.headers()
@@ -304,7 +340,8 @@ struct Readiness {
     /// Shutting down: the shards refuse new events and stop accepting connections, so a
     /// load balancer should send nothing more here.
     draining: bool,
-    kafka: KafkaReport,
+    /// `null` in the no-op benchmark server, which has no producer.
+    kafka: Option<KafkaReport>,
     /// `null` when this process runs no sink (`fanfinity ingest`).
     sink: Option<SinkReport>,
 }
@@ -321,16 +358,20 @@ struct KafkaReport {
 /// from the moment shutdown begins. ClickHouse's state is shown but does not count: Kafka
 /// holds events while the sink is behind.
 fn readiness(shared: &Arc<IngestShared>) -> HttpResponse {
-    let producer = &shared.producer;
-    let health = producer.health();
-    let kafka = KafkaReport {
-        up: health.is_up(),
-        queue_depth: producer.queue_depth(),
-        queue_limit: producer.ready_limit(),
-        last_error: health.last_error(),
-    };
+    let kafka = shared.producer.as_deref().map(|producer| {
+        let health = producer.health();
+        KafkaReport {
+            up: health.is_up(),
+            queue_depth: producer.queue_depth(),
+            queue_limit: producer.ready_limit(),
+            last_error: health.last_error(),
+        }
+    });
     let draining = shared.stopping.load(Ordering::Relaxed);
-    let ready = kafka.up && kafka.queue_depth < kafka.queue_limit && !draining;
+    let kafka_ready = kafka
+        .as_ref()
+        .is_none_or(|k| k.up && k.queue_depth < k.queue_limit);
+    let ready = kafka_ready && !draining;
     let body = Readiness {
         ready,
         draining,
@@ -346,10 +387,9 @@ fn readiness(shared: &Arc<IngestShared>) -> HttpResponse {
 }
 
 fn prometheus(shared: &Arc<IngestShared>) -> HttpResponse {
-    let producer = &shared.producer;
     let text = crate::metrics::render(&Sources {
         shards: &shared.shard_metrics,
-        producer: Some(ProducerView {
+        producer: shared.producer.as_deref().map(|producer| ProducerView {
             kafka_up: producer.health().is_up(),
             queue_depth: producer.queue_depth(),
             queue_limit: producer.ready_limit(),

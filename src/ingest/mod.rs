@@ -6,6 +6,7 @@
 //! producer (thread-safe) and the query runtime. It does not consume from Kafka.
 
 mod admin;
+mod balance;
 pub mod body;
 mod connection;
 mod connection_io;

@@ -24,6 +24,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
 use super::admin::serve_admin;
+use super::balance::{self, Balancer};
 use super::connection::{refuse_connection, serve_connection};
 use super::cors::CorsPolicy;
 use super::inflight::InFlight;
@@ -83,18 +84,23 @@ pub fn shard_metrics(count: usize) -> Vec<Arc<ShardMetrics>> {
 pub fn start_shards(shared: Arc<IngestShared>) -> Result<Shards, ServerError> {
     let http = shared.config.http.clone();
     refuse_taken_address(http.listen)?;
-    let cpus = core_affinity::get_core_ids().map_or(1, |c| c.len()).max(1);
+    // Online CPUs, not this thread's affinity mask: see `online_cpus`.
+    let cpus = crate::app::config::online_cpus();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, ServerError>>();
     let mut handles = Vec::new();
+    let mut links = balance::mesh(shared.shard_metrics.len()).into_iter();
 
     for shard in 0..shared.shard_metrics.len() {
         let cpu = (http.first_core + shard) % cpus;
         let shared = Arc::clone(&shared);
         let ready = ready_tx.clone();
+        let links = links.next();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{shard}"))
             .io_memory(http.io_memory_bytes)
-            .spawn(move || async move { run_shard(shard, cpu, shared, ready).await })
+            .ring_depth(http.ring_depth)
+            .preempt_timer(Duration::from_millis(http.preempt_timer_ms))
+            .spawn(move || async move { run_shard(shard, cpu, shared, links, ready).await })
             .map_err(|err| ServerError::Executor {
                 shard,
                 detail: err.to_string(),
@@ -107,15 +113,28 @@ pub fn start_shards(shared: Arc<IngestShared>) -> Result<Shards, ServerError> {
         match ready_rx.recv() {
             Ok(Ok(shard)) => debug!(shard, "shard listening"),
             Ok(Err(err)) => return Err(err),
-            Err(_) => {
-                return Err(ServerError::Vanished {
-                    shard: handles.len(),
-                })
-            }
+            Err(_) => return Err(executor_error(handles)),
         }
     }
     info!(shards = handles.len(), listen = %http.listen, "ingest listening");
     Ok(Shards { handles })
+}
+
+/// Why the shards ended before every one reported its listener: the first error glommio
+/// returned from an executor thread (locked memory below its 512 KiB minimum, io_uring
+/// refused, a CPU that is not online). Called once every shard has dropped its end of the
+/// ready channel, so each thread has finished and the joins do not wait.
+fn executor_error(handles: Vec<glommio::ExecutorJoinHandle<()>>) -> ServerError {
+    let count = handles.len();
+    for (shard, handle) in handles.into_iter().enumerate() {
+        if let Err(err) = handle.join() {
+            return ServerError::Executor {
+                shard,
+                detail: err.to_string(),
+            };
+        }
+    }
+    ServerError::Vanished { shard: count }
 }
 
 /// Fails if another process already listens on `addr`. The shards bind with
@@ -137,6 +156,7 @@ async fn run_shard(
     shard: usize,
     cpu: usize,
     shared: Arc<IngestShared>,
+    links: Option<balance::Links>,
     ready: mpsc::Sender<Result<usize, ServerError>>,
 ) {
     let addr = shared.config.http.listen;
@@ -179,12 +199,26 @@ async fn run_shard(
         cors,
     });
     let connections = Rc::new(Cell::new(0usize));
+    let balancer = links
+        .filter(|_| ctx.shared.config.http.balance_connections)
+        .map(|links| {
+            let metrics = ctx_metrics(&ctx);
+            let (ctx, connections) = (Rc::clone(&ctx), Rc::clone(&connections));
+            let serve: Rc<dyn Fn(TcpStream)> =
+                Rc::new(move |stream| spawn_connection(&ctx, stream, &connections));
+            Balancer::start(shard, links, metrics, serve)
+        });
 
     if let Some(admin) = admin {
         glommio::spawn_local(serve_admin(Rc::clone(&ctx), admin)).detach();
     }
-    let deadline = serve_listener(&ctx, listener, &connections).await;
-    wait_for_connections(&ctx, &connections, deadline).await;
+    let deadline = serve_listener(&ctx, listener, &connections, balancer.as_deref()).await;
+    wait_for_connections(&ctx, &connections, balancer.as_deref(), deadline).await;
+}
+
+/// Every shard's metrics, which the balancer reads to compare open connections.
+fn ctx_metrics(ctx: &ShardContext) -> Vec<Arc<ShardMetrics>> {
+    ctx.shared.shard_metrics.iter().map(Arc::clone).collect()
 }
 
 /// Binds `http.admin_listen` on shard 0 (no other shard serves it); `None` elsewhere or
@@ -213,9 +247,14 @@ async fn serve_listener(
     ctx: &Rc<ShardContext>,
     listener: ShardListener,
     connections: &Rc<Cell<usize>>,
+    balancer: Option<&Balancer>,
 ) -> Instant {
     let mut acceptor = Acceptor::new(ctx.shard, &listener.listener);
-    accept_until_stopped(ctx, &mut acceptor, connections).await;
+    accept_until_stopped(ctx, &mut acceptor, connections, balancer).await;
+    // What the queue still holds is served here: the other shards are stopping too.
+    if let Some(balancer) = balancer {
+        balancer.close();
+    }
 
     let grace = Duration::from_millis(ctx.shared.config.http.shutdown_grace_ms);
     let deadline = Instant::now() + grace;
@@ -237,6 +276,7 @@ async fn accept_until_stopped(
     ctx: &Rc<ShardContext>,
     acceptor: &mut Acceptor<'_>,
     connections: &Rc<Cell<usize>>,
+    balancer: Option<&Balancer>,
 ) {
     loop {
         // An accept ready at the same time as the stop wins: `or` polls it first.
@@ -249,7 +289,18 @@ async fn accept_until_stopped(
         .await;
         match next {
             None => return,
-            Some(Some(stream)) => spawn_connection(ctx, stream, connections),
+            Some(Some(stream)) => {
+                // No hand-off once the process stops: the other shard may be draining.
+                let stream = match balancer {
+                    Some(b) if !ctx.shared.stopping.load(Ordering::Relaxed) => {
+                        b.route(stream, connections.get())
+                    }
+                    _ => Some(stream),
+                };
+                if let Some(stream) = stream {
+                    spawn_connection(ctx, stream, connections);
+                }
+            }
             Some(None) => {}
         }
     }
@@ -282,9 +333,12 @@ fn spawn_connection(ctx: &Rc<ShardContext>, stream: TcpStream, connections: &Rc<
 async fn wait_for_connections(
     ctx: &Rc<ShardContext>,
     connections: &Rc<Cell<usize>>,
+    balancer: Option<&Balancer>,
     deadline: Instant,
 ) {
-    while connections.get() > 0 && Instant::now() < deadline {
+    // Connections another shard handed over just before the stop count as ours.
+    let incoming = || balancer.map_or(0, |b| b.incoming_here());
+    while (connections.get() > 0 || incoming() > 0) && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     let open = connections.get();

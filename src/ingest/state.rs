@@ -23,7 +23,10 @@ use crate::sink::status::SinkStatus;
 /// Parts shared by every shard.
 pub struct IngestShared {
     pub config: Arc<Config>,
-    pub producer: Arc<EventProducer>,
+    /// `None` only in the no-op benchmark server (`fanfinity noop-server`), which answers
+    /// every event post 202 without decoding it or touching Kafka, to measure the
+    /// ceiling of the HTTP layer (benches/compare).
+    pub producer: Option<Arc<EventProducer>>,
     /// `None` when the process serves no queries.
     pub query: Option<Arc<QueryRuntime>>,
     /// Every shard's metrics, so any shard can answer a scrape.

@@ -169,6 +169,20 @@ fn render_connections(out: &mut String, shards: &[Arc<ShardMetrics>]) {
             );
         }
     }
+    header(
+        out,
+        "fanfinity_http_connections_handed_off_total",
+        "counter",
+        "Connections a shard accepted and handed to a less loaded shard.",
+    );
+    for shard in shards {
+        let _ = writeln!(
+            out,
+            "fanfinity_http_connections_handed_off_total{{shard=\"{}\"}} {}",
+            shard.shard,
+            C::read(&shard.connections.handed_off)
+        );
+    }
 }
 
 fn render_sink(out: &mut String, sink: &SinkStatus) {

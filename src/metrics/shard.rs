@@ -64,6 +64,8 @@ pub struct ConnectionStats {
     pub idle_timeouts: AtomicU64,
     /// Answered 400/414/431 by the HTTP parser and closed.
     pub malformed: AtomicU64,
+    /// Accepted here and handed to a less loaded shard (`ingest/balance.rs`).
+    pub handed_off: AtomicU64,
 }
 
 impl ConnectionStats {

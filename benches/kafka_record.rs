@@ -4,10 +4,9 @@
 //! Group `kafka_record/<events>` (1 and 100 events of one request, realistic and from a
 //! fixed seed, decoded by the service's own decode path beforehand):
 //!
-//! - `build`: what `post_events` in `src/ingest/handler.rs` does per event between
-//!   decoding and `send_batch`: [`EventRecord::encode`] (sonic-rs), the Kafka size check
-//!   ([`check_record_size`]) and the owned key and value. The loop is repeated here from
-//!   the handler, which keeps it inline, using the same public pieces.
+//! - `build`: `outgoing_records`, the handler's step between decoding and `send_batch`:
+//!   [`EventRecord::encode`] (sonic-rs), the Kafka size check and the owned key and
+//!   value.
 //! - `encode_sonic_rs` / `encode_serde_json`: the record's JSON encoding alone, with the
 //!   library the service uses and with serde_json as the reference.
 //!
@@ -25,9 +24,7 @@ use std::process::ExitCode;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use fanfinity::app::config::KafkaConfig;
 use fanfinity::event::EventRecord;
-use fanfinity::ingest::decode::check_record_size;
-use fanfinity::ingest::error::IngestError;
-use fanfinity::kafka::producer::OutgoingRecord;
+use fanfinity::ingest::decode::outgoing_records;
 
 #[allow(dead_code)]
 #[path = "support/events.rs"]
@@ -53,7 +50,7 @@ fn main() -> ExitCode {
     let mut criterion = Criterion::default().configure_from_args();
     for count in [1, 100] {
         let request = &records[..count];
-        let outgoing = match build(request, max_message_bytes) {
+        let outgoing = match outgoing_records(request, max_message_bytes) {
             Ok(outgoing) => outgoing,
             Err(err) => {
                 eprintln!("kafka_record: the service would refuse the bench events: {err}");
@@ -68,7 +65,7 @@ fn main() -> ExitCode {
             bytes: bytes as u64,
         });
         group.bench_function(BenchmarkId::from_parameter("build"), |b| {
-            b.iter(|| build(black_box(request), max_message_bytes))
+            b.iter(|| outgoing_records(black_box(request), max_message_bytes))
         });
         group.bench_function(BenchmarkId::from_parameter("encode_sonic_rs"), |b| {
             b.iter(|| {
@@ -90,23 +87,4 @@ fn main() -> ExitCode {
     }
     criterion.final_summary();
     ExitCode::SUCCESS
-}
-
-/// The handler's per-request loop: encode, refuse what Kafka would refuse, own the key.
-fn build(
-    records: &[EventRecord],
-    max_message_bytes: usize,
-) -> Result<Vec<OutgoingRecord>, IngestError> {
-    let mut outgoing = Vec::with_capacity(records.len());
-    for (index, record) in records.iter().enumerate() {
-        let payload = record.encode().map_err(|err| IngestError::MalformedJson {
-            detail: format!("cannot encode event: {err}"),
-        })?;
-        check_record_size(index, &record.match_id, &payload, max_message_bytes)?;
-        outgoing.push(OutgoingRecord {
-            key: record.match_id.clone(),
-            payload,
-        });
-    }
-    Ok(outgoing)
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Replays a recorded match through a fanfinity server that this script starts and stops:
 # build, start `fanfinity serve` in the background (log: target/replay-server.log), wait
-# for /readyz, run the loadtest replay, stop the server with SIGTERM, and exit with the
-# replay's status. Expects the local stack to be up (`make stack-up`).
+# for /readyz, run the loadtest replay, then a 10-second open-model smoke run (`loadtest
+# steady --verify`, report in target/smoke-steady.json), stop the server with SIGTERM,
+# and exit with the first failing status. Expects the local stack to be up
+# (`make stack-up`).
 #
 # Settings are REPLAY_*, not FANFINITY_*: the server takes every FANFINITY_* variable as
 # configuration and refuses unknown keys.
@@ -17,6 +19,8 @@ SERVER_LOG=$ROOT/target/replay-server.log
 READY_TIMEOUT_S=${REPLAY_READY_TIMEOUT_S:-60}
 # The server drains in-flight requests and flushes the producer before it exits.
 STOP_TIMEOUT_S=${REPLAY_STOP_TIMEOUT_S:-30}
+# Seconds of the open-model smoke run after the replay (0: skip it).
+SMOKE_SECONDS=${REPLAY_SMOKE_SECONDS:-10}
 CARGO=${CARGO:-cargo}
 
 SERVER_PID=
@@ -121,15 +125,34 @@ main() {
         --url "$BASE_URL" --clickhouse-url "$FANFINITY_CLICKHOUSE__URL" \
         --ingest-key "$DEV_INGEST_KEY" --read-key "$DEV_READ_KEY" || replay_status=$?
 
+    # The open-model smoke: 10 s of `loadtest steady` with the checks a performance run
+    # relies on (verification, server CPU and RSS, 202-to-visible probes), so a broken
+    # profile fails CI instead of the next benchmark session. Not a benchmark: the rate
+    # is far below what the machine holds.
+    local smoke_status=0
+    if ((SMOKE_SECONDS > 0)); then
+        log "open-model smoke: loadtest steady for ${SMOKE_SECONDS}s"
+        "$CARGO" run --release -p loadtest -- steady --url "$BASE_URL" \
+            --rate 2000 --duration "$SMOKE_SECONDS" --batch 20 --connections 50 \
+            --verify --clickhouse-url "$FANFINITY_CLICKHOUSE__URL" \
+            --watch-pid "$SERVER_PID" --probe-visibility \
+            --ingest-key "$DEV_INGEST_KEY" --read-key "$DEV_READ_KEY" \
+            --json-report "$ROOT/target/smoke-steady.json" || smoke_status=$?
+        log "open-model smoke finished with status $smoke_status"
+    fi
+
     stop_server || server_status=$?
     if ((server_status != 0)); then
         log "warning: server exited with status $server_status after SIGTERM"
     fi
-    if ((replay_status != 0 || server_status != 0)); then
+    if ((replay_status != 0 || smoke_status != 0 || server_status != 0)); then
         show_server_log
     fi
     log "replay finished with status $replay_status"
-    exit "$replay_status"
+    if ((replay_status != 0)); then
+        exit "$replay_status"
+    fi
+    exit "$smoke_status"
 }
 
 main "$@"

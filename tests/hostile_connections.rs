@@ -620,3 +620,109 @@ fn few_long_lived_connections_are_spread_evenly_and_all_serve() {
         });
     }
 }
+
+/// Reads everything the server still sends until EOF or the read timeout, as text.
+fn read_rest(stream: &mut TcpStream) -> String {
+    let mut rest = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => rest.extend_from_slice(&chunk[..n]),
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => break,
+            Err(err) => panic!("reading: {err}"),
+        }
+    }
+    String::from_utf8_lossy(&rest).into_owned()
+}
+
+/// A complete `POST /v1/events` carrying one event with `id`.
+fn post_bytes(id: &str) -> Vec<u8> {
+    let body = serde_json::to_vec(&event(id, "m-smuggle", "u1", "cheer")).expect("json");
+    let mut bytes = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+/// RFC 9112, section 9.3: a body the handler refused without reading is drained or the
+/// connection closed; it is never read as the next request. Between requests a
+/// connection is taken out of hyper (`connection.rs`), which must wait for the body to
+/// be off the socket. Each refusal below answers before reading the body, and the body
+/// is itself a complete request that must not be served.
+#[test]
+fn an_unread_refused_body_is_never_served_as_a_request() {
+    let (server, _names) = start("unread", &[]);
+    for (what, head) in [
+        (
+            "404",
+            "POST /nope HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n",
+        ),
+        (
+            "415",
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/xml\r\n",
+        ),
+        (
+            "415 with Expect",
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/xml\r\n\
+             Expect: 100-continue\r\n",
+        ),
+    ] {
+        let hidden = new_id();
+        let body = post_bytes(&hidden);
+        let mut stream = connect(&server, Duration::from_secs(2));
+        let head = format!("{head}Content-Length: {}\r\n\r\n", body.len());
+        stream.write_all(head.as_bytes()).expect("head");
+        // Once as a second segment after the answer could have gone out, once at once.
+        std::thread::sleep(Duration::from_millis(200));
+        stream.write_all(&body).expect("body");
+        let answers = read_rest(&mut stream);
+        assert!(
+            !answers.contains(" 202 ") && !answers.contains(&hidden),
+            "{what}: the body was served as a request: {answers}"
+        );
+        let refused = what.split(' ').next().unwrap_or_default();
+        assert!(
+            answers.starts_with(&format!("HTTP/1.1 {refused} ")),
+            "{what}: {answers}"
+        );
+    }
+}
+
+/// hyper serves at most 16 pipelined requests per poll; the connection must carry every
+/// byte it has not parsed yet to the next hyper connection, so 300 pipelined requests in
+/// one write get 300 answers, in order.
+#[test]
+fn three_hundred_pipelined_requests_all_get_answers() {
+    let (server, _names) = start("pipeline", &[]);
+    let mut stream = connect(&server, Duration::from_secs(10));
+    let one = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let all: Vec<u8> = one.iter().copied().cycle().take(one.len() * 300).collect();
+    stream.write_all(&all).expect("pipeline");
+    for n in 0..300 {
+        let response =
+            read_response(&mut stream).unwrap_or_else(|| panic!("EOF after {n} of 300 answers"));
+        assert_eq!(response.status, 200, "answer {n}: {}", response.text());
+    }
+}
+
+/// A client that shuts its sending side once the request is out still gets the answer
+/// (RFC 9112, section 9.6; hyper's `half_close`), and the event is accepted.
+#[test]
+fn a_half_closed_client_still_gets_its_answer() {
+    let (server, _names) = start("halfclose", &[]);
+    let mut stream = connect(&server, Duration::from_secs(10));
+    let id = new_id();
+    stream.write_all(&post_bytes(&id)).expect("request");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half close");
+    let response = read_response(&mut stream).expect("an answer after the half-close");
+    assert_eq!(response.status, 202, "{}", response.text());
+    assert!(response.text().contains(&id), "{}", response.text());
+}

@@ -29,6 +29,9 @@ pub const CONNECTIONS_PER_SOURCE_IP: usize = 20_000;
 /// How many connects may be in flight while pre-opening.
 const PREOPEN_CONCURRENCY: usize = 256;
 
+/// Bound on the first exchange of a pre-opened connection.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One connection's place in the rotation.
 #[derive(Debug)]
 pub struct Slot {
@@ -150,11 +153,17 @@ impl ConnPool {
     }
 
     /// Opens every slot's connection before the run, at most `per_second` connects a
-    /// second. Fails on the first connection that cannot be opened.
+    /// second, and sends `GET /healthz` on each: a client that connects and says nothing
+    /// is what a slowloris does, and a server is right to close it (fanfinity answers 408
+    /// after `http.header_read_timeout_ms`). An app or a load balancer talks at once and
+    /// then keeps the connection idle between requests, which is what is held here. Fails
+    /// on the first connection that cannot be opened or that the server closes.
     ///
     /// # Errors
-    /// When any connect fails, with how many were open by then.
-    pub async fn open_all(&self, per_second: f64) -> Result<Duration> {
+    /// When any connect or first exchange fails, with how many were open by then.
+    pub async fn open_all(&self, per_second: f64, authority: &str) -> Result<Duration> {
+        let hello: Arc<[u8]> =
+            wire::request_head("GET", "/healthz", authority, "text/plain", None, 0).into();
         let started = Instant::now();
         let mut slots: Vec<Slot> = self.lock().drain(..).collect();
         let interval = Duration::from_secs_f64(1.0 / per_second.max(1.0));
@@ -171,8 +180,22 @@ impl ConnPool {
                 break;
             };
             let (addr, source, index) = (self.addr, source_for(&self.sources, slots[n].index), n);
+            let hello = Arc::clone(&hello);
             tasks.spawn(async move {
-                let result = wire::connect(addr, source).await;
+                let result = match wire::connect(addr, source).await {
+                    Ok(mut c) => {
+                        let first = tokio::time::timeout(HELLO_TIMEOUT, c.exchange(&hello));
+                        match first.await {
+                            Ok(Ok((_, true))) => Ok(c),
+                            Ok(Ok((_, false))) => Err(SendError::Body(
+                                "the server closed it after its first answer".into(),
+                            )),
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Err(SendError::Timeout(HELLO_TIMEOUT)),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
                 drop(permit);
                 (index, source, result)
             });
@@ -305,21 +328,34 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        // Answers each connection's first request (the pre-open's GET /healthz) and
+        // keeps it open.
         let accept = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut peers = Vec::new();
-            while let Ok((stream, peer)) = listener.accept().await {
-                peers.push((stream, peer.ip()));
+            while let Ok((mut stream, peer)) = listener.accept().await {
+                peers.push(peer.ip().to_string());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 512];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    let _ = stream.write_all(ok).await;
+                    let _ = stream.read(&mut buf).await;
+                });
                 if peers.len() == 6 {
                     break;
                 }
             }
             peers
-                .into_iter()
-                .map(|(_, ip)| ip.to_string())
-                .collect::<Vec<_>>()
         });
         let pool = ConnPool::new(addr, 6, loopback_sources(2));
-        pool.open_all(1000.0).await.expect("all open");
+        pool.open_all(1000.0, "test").await.expect("all open");
         assert_eq!(pool.open_idle(), 6);
         let mut ips = accept.await.expect("accept task");
         ips.sort();
@@ -336,7 +372,7 @@ mod tests {
             .parse()
             .expect("mock address");
         let pool = ConnPool::new(addr, 3, Vec::new());
-        pool.open_all(1000.0).await.expect("all open");
+        pool.open_all(1000.0, "mock").await.expect("all open");
         let opened: Vec<Instant> = pool
             .lock()
             .iter()

@@ -567,7 +567,7 @@ pub async fn run(profile: Profile) -> Result<OpenOutcome> {
             c.connect_rate
         );
         let took = pool
-            .open_all(c.connect_rate)
+            .open_all(c.connect_rate, &server.authority)
             .await
             .context("--open-connections-first")?;
         preopen_s = Some(took.as_secs_f64());

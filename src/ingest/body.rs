@@ -14,10 +14,10 @@ use flate2::read::MultiGzDecoder;
 use http::header::CONTENT_ENCODING;
 use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tracing::debug;
 
 use super::error::IngestError;
+use super::request_body::RequestBody;
 
 /// How the body's bytes are encoded on the wire, from `Content-Encoding`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub struct BodyLimits {
 /// [`IngestError::BodyRead`] (the connection failed mid-body) and, for gzip,
 /// [`IngestError::BadEncoding`] or [`IngestError::DecompressedTooLarge`].
 pub async fn read_body(
-    body: Incoming,
+    body: RequestBody,
     declared_length: Option<u64>,
     coding: ContentCoding,
     limits: BodyLimits,

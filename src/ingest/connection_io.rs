@@ -52,6 +52,9 @@ pub(super) struct ConnWatch {
     /// or HTTP/1.0, or the answer says `Connection: close`), so hyper must be left to
     /// close it rather than the connection parked (`connection.rs`).
     closing: Cell<bool>,
+    /// The current request's body has bytes the handler did not read (yet); see
+    /// `request_body.rs`.
+    body_unread: Cell<bool>,
 }
 
 /// Which framing headers a request head carries, read as its bytes arrive: hyper drops
@@ -137,6 +140,7 @@ impl ConnWatch {
             conflicting_length: Cell::new(None),
             refused_framing: Cell::new(false),
             closing: Cell::new(false),
+            body_unread: Cell::new(false),
         })
     }
 
@@ -171,6 +175,15 @@ impl ConnWatch {
     /// Whether a request was refused for its framing (the answer closes the connection).
     pub(super) fn refused_framing(&self) -> bool {
         self.refused_framing.get()
+    }
+
+    /// Whether the current request's body still has bytes nobody read.
+    pub(super) fn body_unread(&self) -> bool {
+        self.body_unread.get()
+    }
+
+    pub(super) fn set_body_unread(&self, unread: bool) {
+        self.body_unread.set(unread);
     }
 
     /// The exchange in progress ends the connection.
@@ -276,6 +289,11 @@ impl WatchedStream {
     /// Gives the socket back (after hyper let go of it).
     pub(super) fn into_inner(self) -> HyperStream {
         self.inner
+    }
+
+    /// Gives the socket back with the bytes of the prefix hyper has not taken yet.
+    pub(super) fn into_parts(self) -> (HyperStream, Bytes) {
+        (self.inner, self.prefix)
     }
 
     /// Writes what is left of the replacement answer.

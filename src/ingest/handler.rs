@@ -15,18 +15,18 @@ use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use serde::Serialize;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::body::{read_body, BodyLimits, ContentCoding};
-use super::decode::{check_record_size, decode_events, BodyFormat};
+use super::decode::{decode_events, outgoing_records, BodyFormat};
 use super::error::IngestError;
 use super::rate_limit::{client_ip, KeyCharge, PeerAddr};
+use super::request_body::RequestBody;
 use super::state::{IngestShared, Listener, ShardContext};
 use crate::auth::{Presented, Role};
-use crate::kafka::producer::{OutgoingRecord, ProduceError};
+use crate::kafka::producer::ProduceError;
 use crate::metrics::prometheus::{ProducerView, Sources};
 use crate::metrics::shard::{RequestTimer, Route};
 use crate::query::params::MetricsParams;
@@ -37,7 +37,7 @@ use crate::sink::status::SinkReport;
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// Serves one request on a shard, recording its latency and status on every exit.
-pub async fn handle(ctx: &ShardContext, req: Request<Incoming>) -> HttpResponse {
+pub async fn handle(ctx: &ShardContext, req: Request<RequestBody>) -> HttpResponse {
     let mut timer = RequestTimer::start(&ctx.metrics, Route::Other);
     let origin = req.headers().get(ORIGIN).cloned();
     let (route, outcome) = dispatch(ctx, req).await;
@@ -55,7 +55,7 @@ pub async fn handle(ctx: &ShardContext, req: Request<Incoming>) -> HttpResponse 
 
 type Outcome = Result<(HttpResponse, u64), IngestError>;
 
-async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome) {
+async fn dispatch(ctx: &ShardContext, req: Request<RequestBody>) -> (Route, Outcome) {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -113,7 +113,7 @@ async fn dispatch(ctx: &ShardContext, req: Request<Incoming>) -> (Route, Outcome
 
 /// With `http.admin_listen` set, `/metrics`, `/healthz` and `/readyz` are served on the
 /// admin listener only, and it serves nothing else; without it, everything is public.
-fn listener_serves(ctx: &ShardContext, req: &Request<Incoming>, segments: &[&str]) -> bool {
+fn listener_serves(ctx: &ShardContext, req: &Request<RequestBody>, segments: &[&str]) -> bool {
     let operational = matches!(segments, ["metrics"] | ["healthz"] | ["readyz"]);
     let admin = req.extensions().get::<Listener>() == Some(&Listener::Admin);
     match ctx.shared.config.http.admin_listen {
@@ -127,7 +127,7 @@ fn listener_serves(ctx: &ShardContext, req: &Request<Incoming>, segments: &[&str
 /// 100-continue`, without asking for it). Returns the key's id, `None` when auth is off.
 fn authorize(
     ctx: &ShardContext,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     role: Role,
 ) -> Result<Option<String>, IngestError> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
@@ -147,7 +147,7 @@ fn authorize(
 
 /// Charges one API request to its client's address (see `rate_limit.rs`). Runs before
 /// the key is checked, so a flood from one address is refused before any key is hashed.
-fn limit_client(ctx: &ShardContext, req: &Request<Incoming>) -> Result<(), IngestError> {
+fn limit_client(ctx: &ShardContext, req: &Request<RequestBody>) -> Result<(), IngestError> {
     let peer = req.extensions().get::<PeerAddr>().copied();
     let ip = client_ip(peer, req.headers(), ctx.limits.trust_forwarded_for);
     ctx.limits.check_ip(ip, Instant::now()).map_err(|limited| {
@@ -166,7 +166,7 @@ fn limit_client(ctx: &ShardContext, req: &Request<Incoming>) -> Result<(), Inges
 /// the client will retry it and should not pay twice.
 async fn post_charged_events(
     ctx: &ShardContext,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     key_id: Option<String>,
 ) -> Outcome {
     let charge = ctx
@@ -203,7 +203,7 @@ struct Accepted<'a> {
 /// Kafka acknowledged every record.
 async fn post_events(
     ctx: &ShardContext,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     charge: &KeyCharge<'_>,
 ) -> Outcome {
     let shared = &ctx.shared;
@@ -244,22 +244,7 @@ async fn post_events(
     let records = decode_events(&body, format, http.max_events_per_request, received_at_ms)?;
     charge.charge_events(records.len(), Instant::now())?;
 
-    let mut outgoing = Vec::with_capacity(records.len());
-    for (index, record) in records.iter().enumerate() {
-        let payload = record.encode().map_err(|err| IngestError::MalformedJson {
-            detail: format!("cannot encode event: {err}"),
-        })?;
-        check_record_size(
-            index,
-            &record.match_id,
-            &payload,
-            shared.config.kafka.max_message_bytes,
-        )?;
-        outgoing.push(OutgoingRecord {
-            key: record.match_id.clone(),
-            payload,
-        });
-    }
+    let outgoing = outgoing_records(&records, shared.config.kafka.max_message_bytes)?;
     let ack = producer.send_batch(&outgoing)?;
     let timeout = Duration::from_millis(http.ack_timeout_ms);
     let delivered = glommio::timer::timeout(timeout, async { Ok(ack.await) }).await;
@@ -300,7 +285,7 @@ struct Discarded {
 /// layer's cost, so nothing else may be skipped here.
 async fn discard_events(
     ctx: &ShardContext,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     coding: ContentCoding,
 ) -> Outcome {
     let http = &ctx.shared.config.http;
@@ -318,7 +303,7 @@ async fn discard_events(
 }
 
 /// The body length the client announced, if any.
-fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+fn declared_length(req: &Request<RequestBody>) -> Option<u64> {
     req.headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

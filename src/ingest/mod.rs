@@ -18,6 +18,7 @@ pub mod http_io;
 pub mod inflight;
 mod listener;
 pub mod rate_limit;
+pub mod request_body;
 pub mod server;
 pub mod state;
 pub mod validate;

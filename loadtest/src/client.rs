@@ -251,6 +251,39 @@ pub async fn request(
         .await
 }
 
+/// Waits, bounded, until `GET /readyz` answers 200 (every subcommand checks its target
+/// first).
+///
+/// # Errors
+/// When the deadline passes, with the last answer or failure.
+pub async fn wait_ready(server: &Arc<Target>, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = request(
+            server,
+            Method::GET,
+            "/readyz",
+            Bytes::new(),
+            Duration::from_secs(5),
+            64 << 10,
+        )
+        .await;
+        let last = match answer {
+            Ok(a) if a.status == StatusCode::OK => return Ok(()),
+            Ok(a) => format!("answered {}", a.status),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "{} is not ready after {:?}: GET /readyz {last}",
+                server.url,
+                timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// A batch of events, serialized once so every retry sends the same ids.
 #[derive(Debug)]
 pub struct Batch {

@@ -13,9 +13,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context, Result};
-use bytes::Bytes;
-use hyper::{Method, StatusCode};
+use anyhow::{ensure, Context, Result};
+
 use serde::Serialize;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -347,33 +346,11 @@ fn unix_now() -> Duration {
 }
 
 async fn wait_ready(server: &Arc<Target>, timeout: f64) -> Result<()> {
+    // 0 (or less): the caller knows the server is up.
     if timeout <= 0.0 {
         return Ok(());
     }
-    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
-    loop {
-        let answer = client::request(
-            server,
-            Method::GET,
-            "/readyz",
-            Bytes::new(),
-            Duration::from_secs(5),
-            64 << 10,
-        )
-        .await;
-        let last = match answer {
-            Ok(a) if a.status == StatusCode::OK => return Ok(()),
-            Ok(a) => format!("answered {}", a.status),
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() >= deadline {
-            bail!(
-                "{} is not ready after {timeout} s: GET /readyz {last}",
-                server.url
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    client::wait_ready(server, Duration::from_secs_f64(timeout)).await
 }
 
 /// The source addresses to bind: 127.0.0.1..K for a loopback IPv4 target, none otherwise.

@@ -11,9 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
-use hyper::{Method, StatusCode};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -207,35 +206,6 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_else(|| format!("{ms} ms"))
 }
 
-/// Waits, bounded, until `GET /readyz` answers 200.
-async fn wait_ready(server: &Arc<Target>, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let answer = client::request(
-            server,
-            Method::GET,
-            "/readyz",
-            Bytes::new(),
-            Duration::from_secs(5),
-            64 << 10,
-        )
-        .await;
-        let last = match answer {
-            Ok(a) if a.status == StatusCode::OK => return Ok(()),
-            Ok(a) => format!("answered {}", a.status),
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() >= deadline {
-            bail!(
-                "{} is not ready after {:?}: GET /readyz {last}",
-                server.url,
-                timeout
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// Prints a progress line to stderr every second until told to stop.
 fn spawn_progress(stats: Arc<Stats>) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
     let (stop, mut stopped) = watch::channel(false);
@@ -326,7 +296,7 @@ pub async fn run(args: ReplayArgs) -> Result<Outcome> {
         "match id {match_id:?} is not 1-64 characters of [A-Za-z0-9_.:-]; pick one with --match-id"
     );
     let kickoff = kickoff_ms(args.kickoff.as_deref(), now)?;
-    wait_ready(&server, args.ready_timeout).await?;
+    client::wait_ready(&server, args.ready_timeout).await?;
 
     let curve = RateCurve::new(&file, args.base_rate);
     let planned = real_duration(curve.end_minute(), args.speed);

@@ -374,21 +374,6 @@ fn own_usage() -> Option<proc_watch::ProcSample> {
     proc_watch::sample(std::process::id()).ok()
 }
 
-fn spawn_progress(stats: Arc<OpenStats>) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = stopped.wait_for(|s| *s) => break,
-                _ = tick.tick() => eprintln!("{}", open_report::progress_line(&stats.progress())),
-            }
-        }
-    });
-    (stop, task)
-}
-
 /// Samples the watched server and this process once a second until stopped.
 fn spawn_sampler(
     server: Option<Arc<Mutex<Watch>>>,
@@ -579,7 +564,10 @@ pub async fn run(profile: Profile) -> Result<OpenOutcome> {
         settings,
     ));
     let mut template = BodyTemplate::new(&match_id, c.format, c.batch, c.event_bytes);
-    let (stop_progress, progress) = spawn_progress(Arc::clone(&stats));
+    let (stop_progress, progress) = crate::report::spawn_progress({
+        let stats = Arc::clone(&stats);
+        move || open_report::progress_line(&stats.progress())
+    });
     let sweep = engine.spawn_idle_sweep();
     let own_rss_max = Arc::new(Mutex::new(rss_after_open.unwrap_or(0)));
     // A retried request may take every attempt's timeout plus backoff.

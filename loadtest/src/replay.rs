@@ -15,7 +15,6 @@ use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::client::{self, Batch, Pool, PoolSettings};
@@ -206,22 +205,6 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_else(|| format!("{ms} ms"))
 }
 
-/// Prints a progress line to stderr every second until told to stop.
-fn spawn_progress(stats: Arc<Stats>) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = stopped.wait_for(|s| *s) => break,
-                _ = tick.tick() => eprintln!("{}", report::progress_line(&stats.progress())),
-            }
-        }
-    });
-    (stop, task)
-}
-
 /// Everything the pacing loop needs.
 struct Pacing<'a> {
     file: &'a MatchFile,
@@ -337,7 +320,10 @@ pub async fn run(args: ReplayArgs) -> Result<Outcome> {
         seed,
     };
     let pool = Pool::start(Arc::clone(&server), settings, Arc::clone(&stats));
-    let (stop_progress, progress) = spawn_progress(Arc::clone(&stats));
+    let (stop_progress, progress) = report::spawn_progress({
+        let stats = Arc::clone(&stats);
+        move || report::progress_line(&stats.progress())
+    });
     let crowd = Crowd::new(args.fans, &file.home, &file.away);
     let pacing = Pacing {
         file: &file,

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::stats::{Progress, Tally};
 use crate::verify::Verification;
@@ -209,6 +210,25 @@ fn millis(ms: f64) -> String {
     } else {
         count(ms.round() as u64)
     }
+}
+
+/// Prints `line()` to stderr once a second until told to stop (the live progress view
+/// of every subcommand).
+pub fn spawn_progress(
+    line: impl Fn() -> String + Send + 'static,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break,
+                _ = tick.tick() => eprintln!("{}", line()),
+            }
+        }
+    });
+    (stop, task)
 }
 
 /// The one-line progress report printed every second.

@@ -75,6 +75,11 @@ fn main() -> ExitCode {
         Command::Spike(a) => a.common.threads,
         Command::Ramp(a) => a.common.threads,
     };
+    if threads == Some(0) {
+        // Checked here: tokio refuses zero workers by panicking.
+        eprintln!("loadtest: error: --threads must be 1..=1024");
+        return ExitCode::from(EXIT_CANNOT_RUN);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = threads {
         builder.worker_threads(threads);

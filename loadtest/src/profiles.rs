@@ -145,6 +145,11 @@ pub struct CommonArgs {
     /// How long to wait for GET /readyz to answer 200, in seconds (0: don't ask).
     #[arg(long, default_value = "30", value_parser = seconds)]
     pub ready_timeout: f64,
+    /// steady and spike fail (exit 1) when more than this fraction of the measured
+    /// events was not accepted in the end (429, 5xx, timeouts, connection errors after
+    /// the last attempt); a ramp judges each step on its own. 1 turns the check off.
+    #[arg(long, default_value_t = 0.01)]
+    pub max_failed_fraction: f64,
 }
 
 /// `loadtest steady`.
@@ -286,6 +291,10 @@ impl Profile {
             "--source-ips must be 1..=254"
         );
         ensure!(
+            (0.0..=1.0).contains(&c.max_failed_fraction),
+            "--max-failed-fraction must be in [0, 1]"
+        );
+        ensure!(
             c.threads.is_none_or(|t| (1..=1024).contains(&t)),
             "--threads must be 1..=1024"
         );
@@ -337,6 +346,22 @@ pub struct OpenOutcome {
         expect(dead_code, reason = "read by tests; the binary prints it")
     )]
     pub report: serde_json::Value,
+}
+
+/// Resolves on the first Ctrl-C (SIGINT) or SIGTERM, naming it; never, if neither can be
+/// listened for.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(_) => match tokio::signal::ctrl_c().await {
+            Ok(()) => "SIGINT",
+            Err(_) => std::future::pending().await,
+        },
+    }
 }
 
 fn unix_now() -> Duration {
@@ -618,18 +643,29 @@ pub async fn run(profile: Profile) -> Result<OpenOutcome> {
         )
     });
 
-    let ramp = match &profile {
-        Profile::Ramp(a) => Some(run_ramp(a, &engine, &mut template, limit, drain_for).await),
-        _ => {
-            for (name, rate, secs) in fixed_phases(&profile) {
-                let length = Duration::from_secs_f64(secs);
-                engine
-                    .run_phase(&mut template, name, rate, length, true, limit)
-                    .await;
+    let schedule = async {
+        match &profile {
+            Profile::Ramp(a) => Some(run_ramp(a, &engine, &mut template, limit, drain_for).await),
+            _ => {
+                for (name, rate, secs) in fixed_phases(&profile) {
+                    let length = Duration::from_secs_f64(secs);
+                    engine
+                        .run_phase(&mut template, name, rate, length, true, limit)
+                        .await;
+                }
+                None
             }
-            None
         }
     };
+    // Ctrl-C or SIGTERM stops the sending; what was sent is drained, reported and
+    // written to the JSON report like any run, which then fails as interrupted.
+    let (ramp, interrupted) = tokio::select! {
+        ramp = schedule => (ramp, None),
+        signal = stop_signal() => (None, Some(signal)),
+    };
+    if let Some(signal) = interrupted {
+        eprintln!("{signal}: stopped sending; draining and reporting what was sent");
+    }
 
     // Drain, then close the window.
     let _ = probe_stop_tx.send(true);
@@ -755,6 +791,36 @@ pub async fn run(profile: Profile) -> Result<OpenOutcome> {
     if let Some(r) = &ramp {
         if r.max_held_events_per_s <= 0.0 {
             failures.push("no ramp step held".to_string());
+        }
+    }
+    if let Some(signal) = interrupted {
+        failures.push(format!("interrupted by {signal}"));
+    }
+    if abandoned > 0 {
+        println!(
+            "unanswered: {abandoned} requests had no final answer when the run stopped \
+             (--duration-limit or the drain after it); they are not in the latency figures"
+        );
+        failures.push(format!(
+            "{abandoned} requests were still unanswered when the run stopped"
+        ));
+    }
+    if !matches!(profile, Profile::Ramp(_)) {
+        // By final outcome: a 503 retried into a 202 (spike) is not a failure.
+        let sent = result.events.sent;
+        let missing = sent.saturating_sub(result.events.accepted);
+        let fraction = if sent == 0 {
+            0.0
+        } else {
+            missing as f64 / sent as f64
+        };
+        if fraction > c.max_failed_fraction {
+            failures.push(format!(
+                "{missing} of {sent} events were not accepted ({:.1} %, over \
+                 --max-failed-fraction {})",
+                fraction * 100.0,
+                c.max_failed_fraction
+            ));
         }
     }
     if failures.is_empty() {
@@ -987,6 +1053,18 @@ mod tests {
         assert!(unavailable >= 20, "{unavailable}");
         assert_eq!(r.events.given_up, unavailable);
         assert_eq!(r.requests.sent, r.events.sent);
+        // A quarter of the events lost is far over the default 1 %: the run fails.
+        assert!(
+            outcome
+                .failures
+                .iter()
+                .any(|f| f.contains("were not accepted") && f.contains("--max-failed-fraction")),
+            "{:?}",
+            outcome.failures
+        );
+        let tolerant = "steady --rate 100 --duration 1 --warmup 0 --max-failed-fraction 1";
+        let outcome = run_against(&mock, tolerant).await;
+        assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,7 +96,12 @@ impl TopicAdmin {
                 .set("retention.ms", &retention)
             })
             .collect();
-        let options = AdminOptions::new().operation_timeout(Some(self.timeout));
+        // Both bounds: `operation_timeout` is how long the broker may take, the request
+        // timeout how long we wait for any broker at all (librdkafka's default, 60 s,
+        // would hold an ingest node's start when no broker answers).
+        let options = AdminOptions::new()
+            .operation_timeout(Some(self.timeout))
+            .request_timeout(Some(self.timeout));
         let results =
             block_on(self.admin.create_topics(&new_topics, &options)).map_err(|source| {
                 TopicError::Create {

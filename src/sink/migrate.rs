@@ -20,11 +20,18 @@ struct Migration {
 }
 
 /// Every migration, in order. Never edit an applied one; add a new file.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "events",
-    sql: include_str!("migrations/0001_events.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events",
+        sql: include_str!("migrations/0001_events.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "aggregates",
+        sql: include_str!("migrations/0002_aggregates.sql"),
+    },
+];
 
 #[derive(Debug, Row, Deserialize)]
 struct Applied {

@@ -341,7 +341,7 @@ impl fmt::Debug for ClickHouseConfig {
     }
 }
 
-/// The metrics query endpoint.
+/// The analytics API (docs/analytics.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueryConfig {
@@ -349,13 +349,20 @@ pub struct QueryConfig {
     pub threads: usize,
     /// Refuse windows that would produce more timeline buckets than this.
     pub max_buckets: u64,
+    /// How long a shard serves an answer without recomputing it; stale answers up to
+    /// twice this are served while one recomputation runs. 0 turns the cache off.
+    pub cache_ttl_ms: u64,
+    /// Answers each shard keeps at most.
+    pub cache_entries: usize,
 }
 
 impl Default for QueryConfig {
     fn default() -> Self {
         Self {
-            threads: 1,
+            threads: 2,
             max_buckets: 10_000,
+            cache_ttl_ms: 500,
+            cache_entries: 512,
         }
     }
 }
@@ -693,8 +700,11 @@ impl Config {
         {
             return invalid("clickhouse.database", "must be [A-Za-z0-9_]+");
         }
-        if self.query.threads == 0 || self.query.max_buckets == 0 {
-            return invalid("query.threads", "and max_buckets must be > 0");
+        if self.query.threads == 0 || self.query.max_buckets == 0 || self.query.cache_entries == 0 {
+            return invalid("query.threads", "max_buckets and cache_entries must be > 0");
+        }
+        if self.query.cache_ttl_ms > 60_000 {
+            return invalid("query.cache_ttl_ms", "must be at most 60000");
         }
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return invalid("log.format", "must be text or json");

@@ -1,6 +1,7 @@
 //! Routes one HTTP request and builds its answer.
 //!
-//! Routes: `POST /v1/events`, `GET /v1/matches/{id}/metrics`, `GET /healthz`,
+//! Routes: `POST /v1/events`; the analytics API under `GET /v1/matches` (see
+//! `query::api`); the match page at `GET /` and `GET /matches/{id}`; `GET /healthz`,
 //! `GET /readyz`, `GET /metrics`. Every failure goes through [`IngestError`], which owns
 //! the status and JSON body; this module only decides which error applies.
 //!
@@ -29,7 +30,7 @@ use crate::auth::{Presented, Role};
 use crate::kafka::producer::ProduceError;
 use crate::metrics::prometheus::{ProducerView, Sources};
 use crate::metrics::shard::{RequestTimer, Route};
-use crate::query::params::MetricsParams;
+use crate::query::api::{AnalyticsRequest, Endpoint};
 use crate::query::QueryError;
 use crate::sink::status::SinkReport;
 
@@ -83,31 +84,34 @@ async fn dispatch(ctx: &ShardContext, req: Request<RequestBody>) -> (Route, Outc
         }
         (["v1", "events"], _) if ctx.cors.is_on() => (Route::Events, not_allowed("OPTIONS, POST")),
         (["v1", "events"], _) => (Route::Events, not_allowed("POST")),
-        (["v1", "matches", match_id, "metrics"], &Method::GET) => {
-            if let Err(err) =
-                limit_client(ctx, &req).and_then(|()| authorize(ctx, &req, Role::Read))
-            {
-                return (Route::Query, Err(err));
-            }
-            let params = MetricsParams::parse(match_id, req.uri().query());
-            (Route::Query, match_metrics(ctx, params).await)
-        }
+        ([] | [""] | ["matches", _], &Method::GET) => (Route::Other, Ok((match_page(), 0))),
+        ([] | [""] | ["matches", _], _) => (Route::Other, not_allowed("GET")),
         (["healthz"], &Method::GET) => (
             Route::Health,
             Ok((json(StatusCode::OK, &Health { status: "ok" }), 0)),
         ),
         (["readyz"], &Method::GET) => (Route::Health, Ok((readiness(&ctx.shared), 0))),
         (["metrics"], &Method::GET) => (Route::Metrics, Ok((prometheus(&ctx.shared), 0))),
-        (["v1", "matches", _, "metrics"] | ["healthz"] | ["readyz"] | ["metrics"], _) => {
-            (Route::Other, not_allowed("GET"))
-        }
-        _ => (
-            Route::Other,
-            Err(IngestError::NotFound {
-                method: method.to_string(),
-                path: path.clone(),
-            }),
-        ),
+        (["healthz"] | ["readyz"] | ["metrics"], _) => (Route::Other, not_allowed("GET")),
+        (segments, method) => match Endpoint::from_path(segments) {
+            Some(_) if method != Method::GET => (Route::Query, not_allowed("GET")),
+            Some((endpoint, match_id)) => {
+                if let Err(err) =
+                    limit_client(ctx, &req).and_then(|()| authorize(ctx, &req, Role::Read))
+                {
+                    return (Route::Query, Err(err));
+                }
+                let request = AnalyticsRequest::parse(endpoint, match_id, req.uri().query());
+                (Route::Query, analytics(ctx, request).await)
+            }
+            None => (
+                Route::Other,
+                Err(IngestError::NotFound {
+                    method: method.to_string(),
+                    path: path.clone(),
+                }),
+            ),
+        },
     }
 }
 
@@ -310,13 +314,51 @@ fn declared_length(req: &Request<RequestBody>) -> Option<u64> {
         .and_then(|v| v.parse::<u64>().ok())
 }
 
-async fn match_metrics(ctx: &ShardContext, params: Result<MetricsParams, QueryError>) -> Outcome {
-    let params = params?;
-    let Some(query) = ctx.shared.query.as_ref() else {
+/// Answers an analytics request through the shard's cache.
+async fn analytics(ctx: &ShardContext, request: Result<AnalyticsRequest, QueryError>) -> Outcome {
+    let request = request?;
+    let Some(query) = ctx.shared.query.as_ref().map(Arc::clone) else {
         return Err(QueryError::RuntimeGone.into());
     };
-    let metrics = query.match_metrics(params).await?;
-    Ok((json(StatusCode::OK, &metrics), 0))
+    let body = ctx
+        .answers
+        .get(request.cache_key(), move || async move {
+            query.answer(request).await
+        })
+        .await?;
+    let mut response = Response::new(Full::new(body));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok((response, 0))
+}
+
+/// The live match page: one self-contained file, compiled in.
+const MATCH_PAGE: &str = include_str!("../../assets/match.html");
+
+/// `GET /` and `GET /matches/{id}`: the page reads the match from its own URL. The
+/// policy allows its inline script and styles and API calls to this origin only.
+fn match_page() -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from_static(MATCH_PAGE.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+    response
 }
 
 #[derive(Serialize)]

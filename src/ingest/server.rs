@@ -18,6 +18,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::query::cache::AnswerCache;
+
 use futures_lite::future;
 use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -188,6 +190,10 @@ async fn run_shard(
     let shared_auth = Arc::clone(&shared.auth);
     let limits = RateLimits::new(&shared.config.limits, shard);
     let cors = CorsPolicy::from_config(&shared.config.http);
+    let answers = AnswerCache::new(
+        Duration::from_millis(shared.config.query.cache_ttl_ms),
+        shared.config.query.cache_entries,
+    );
     let ctx = Rc::new(ShardContext {
         shard,
         metrics: Arc::clone(&shared.shard_metrics[shard]),
@@ -197,6 +203,7 @@ async fn run_shard(
         keys: ShardKeys::new(&shared_auth),
         limits,
         cors,
+        answers,
     });
     let connections = Rc::new(Cell::new(0usize));
     let balancer = links

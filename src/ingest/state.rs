@@ -17,6 +17,7 @@ use crate::app::config::Config;
 use crate::auth::{AuthState, ShardKeys};
 use crate::kafka::producer::EventProducer;
 use crate::metrics::shard::ShardMetrics;
+use crate::query::cache::AnswerCache;
 use crate::query::runtime::QueryRuntime;
 use crate::sink::status::SinkStatus;
 
@@ -62,6 +63,8 @@ pub struct ShardContext {
     pub limits: RateLimits,
     /// Which browser origins may post events.
     pub cors: CorsPolicy,
+    /// This shard's finished analytics answers (`query.cache_ttl_ms`).
+    pub answers: Rc<AnswerCache>,
 }
 
 /// A shard-local "stop now" signal that many connection tasks can await without each

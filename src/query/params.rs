@@ -1,7 +1,9 @@
-//! Parsing and validation of the metrics endpoint's query string.
+//! Parsing and validation of the analytics endpoints' query strings.
 //!
-//! Values end up in SQL only as bound numbers and a match id that passed the strict
-//! `[A-Za-z0-9_.:-]` check, never as raw text.
+//! Values reach SQL only as bound numbers and a match id that passed the strict
+//! `[A-Za-z0-9_.:-]` check, never as raw text. Each endpoint names the parameters it
+//! takes, and anything else is refused, so a typo such as `form=` is not silently
+//! ignored.
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -9,49 +11,72 @@ use time::OffsetDateTime;
 use super::QueryError;
 use crate::event::is_valid_match_id;
 
-/// Largest bucket: one day.
-const MAX_BUCKET_SECS: u32 = 86_400;
+/// Every window and bucket is a whole number of these: the resolution of the coarsest
+/// aggregate the API mixes in (`fan_buckets`).
+pub const BASE_BUCKET_SECS: u32 = 10;
+/// Largest bucket: one hour.
+const MAX_BUCKET_SECS: u32 = 3_600;
+/// Largest `limit`.
+pub const MAX_LIMIT: u32 = 1_000;
 
-/// A validated metrics request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetricsParams {
-    pub match_id: String,
+/// A query-string parameter an endpoint may accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    From,
+    To,
+    Bucket,
+    Limit,
+}
+
+impl Param {
+    fn name(self) -> &'static str {
+        match self {
+            Param::From => "from",
+            Param::To => "to",
+            Param::Bucket => "bucket",
+            Param::Limit => "limit",
+        }
+    }
+}
+
+/// The validated parameters of one request; absent ones are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct QueryParams {
     /// Inclusive lower bound on event time, epoch seconds.
     pub from_secs: Option<u32>,
     /// Exclusive upper bound on event time, epoch seconds.
     pub to_secs: Option<u32>,
-    pub bucket_secs: u32,
+    pub bucket_secs: Option<u32>,
+    pub limit: Option<u32>,
 }
 
-impl MetricsParams {
-    /// Reads `from`, `to` (RFC 3339 or epoch milliseconds) and `bucket` (`10s`, `1m`,
-    /// `5m`, `1h` or plain seconds; default `60s`).
+impl QueryParams {
+    /// Reads the parameters in `allowed` from `query`: `from`, `to` (RFC 3339 or epoch
+    /// milliseconds), `bucket` (`10s`, `1m`, `5m`, ...: a multiple of 10 s up to 1 h) and
+    /// `limit` (1-1000).
     ///
     /// # Errors
-    /// [`QueryError::BadParam`] naming the first bad parameter; unknown parameters too,
-    /// so a typo such as `form=` is not silently ignored.
-    pub fn parse(match_id: &str, query: Option<&str>) -> Result<Self, QueryError> {
-        if !is_valid_match_id(match_id) {
-            return Err(bad(
-                "match_id",
-                "must be 1-64 characters of [A-Za-z0-9_.:-]",
-            ));
-        }
-        let mut params = MetricsParams {
-            match_id: match_id.to_string(),
-            from_secs: None,
-            to_secs: None,
-            bucket_secs: 60,
-        };
+    /// [`QueryError::BadParam`] naming the first bad or unknown parameter, a repeated
+    /// one, or `from` not before `to`.
+    pub fn parse(query: Option<&str>, allowed: &[Param]) -> Result<Self, QueryError> {
+        let mut params = QueryParams::default();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value =
                 percent_decode(value).ok_or_else(|| bad("query", "bad percent-encoding"))?;
-            match key {
-                "from" => params.from_secs = Some(parse_time("from", &value)?),
-                "to" => params.to_secs = Some(parse_time("to", &value)?),
-                "bucket" => params.bucket_secs = parse_bucket(&value)?,
-                _ => return Err(bad("query", &format!("unknown parameter {key:?}"))),
+            let param = allowed
+                .iter()
+                .copied()
+                .find(|p| p.name() == key)
+                .ok_or_else(|| bad("query", &format!("unknown parameter {key:?}")))?;
+            let repeated = match param {
+                Param::From => params.from_secs.replace(parse_time("from", &value)?),
+                Param::To => params.to_secs.replace(parse_time("to", &value)?),
+                Param::Bucket => params.bucket_secs.replace(parse_bucket(&value)?),
+                Param::Limit => params.limit.replace(parse_limit(&value)?),
+            };
+            if repeated.is_some() {
+                return Err(bad(param.name(), "given more than once"));
             }
         }
         if let (Some(from), Some(to)) = (params.from_secs, params.to_secs) {
@@ -61,25 +86,24 @@ impl MetricsParams {
         }
         Ok(params)
     }
+}
 
-    /// Refuses a window that would need more than `max` timeline buckets.
-    ///
-    /// # Errors
-    /// [`QueryError::BadParam`] on `bucket`.
-    pub fn check_bucket_count(&self, first: u32, last: u32, max: u64) -> Result<(), QueryError> {
-        let span = u64::from(last.saturating_sub(first));
-        let buckets = span / u64::from(self.bucket_secs) + 1;
-        if buckets > max {
-            return Err(bad(
-                "bucket",
-                &format!("window needs {buckets} buckets, more than {max}; use a larger bucket"),
-            ));
-        }
-        Ok(())
+/// Checks a match id taken from the path.
+///
+/// # Errors
+/// [`QueryError::BadParam`] on `match_id`.
+pub fn match_id(id: &str) -> Result<String, QueryError> {
+    if is_valid_match_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(bad(
+            "match_id",
+            "must be 1-64 characters of [A-Za-z0-9_.:-]",
+        ))
     }
 }
 
-fn bad(param: &'static str, reason: &str) -> QueryError {
+pub(super) fn bad(param: &'static str, reason: &str) -> QueryError {
     QueryError::BadParam {
         param,
         reason: reason.to_string(),
@@ -94,7 +118,11 @@ fn parse_time(param: &'static str, value: &str) -> Result<u32, QueryError> {
             .map_err(|_| bad(param, "must be RFC 3339 or epoch milliseconds"))?
             .unix_timestamp()
     };
-    u32::try_from(secs).map_err(|_| bad(param, "must be between 1970 and 2106"))
+    // The last second is kept free so a window end rounded up to 10 s still fits.
+    u32::try_from(secs)
+        .ok()
+        .filter(|s| *s < u32::MAX - MAX_BUCKET_SECS)
+        .ok_or_else(|| bad(param, "must be between 1970 and 2106"))
 }
 
 fn parse_bucket(value: &str) -> Result<u32, QueryError> {
@@ -108,13 +136,21 @@ fn parse_bucket(value: &str) -> Result<u32, QueryError> {
         "h" => 3600,
         _ => return Err(bad("bucket", "unit must be s, m or h")),
     };
-    let secs = digits
+    digits
         .parse::<u32>()
         .ok()
         .and_then(|n| n.checked_mul(multiplier))
-        .filter(|s| (1..=MAX_BUCKET_SECS).contains(s))
-        .ok_or_else(|| bad("bucket", "must be between 1s and 24h"))?;
-    Ok(secs)
+        .filter(|s| (BASE_BUCKET_SECS..=MAX_BUCKET_SECS).contains(s))
+        .filter(|s| s % BASE_BUCKET_SECS == 0)
+        .ok_or_else(|| bad("bucket", "must be a multiple of 10s between 10s and 1h"))
+}
+
+fn parse_limit(value: &str) -> Result<u32, QueryError> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=MAX_LIMIT).contains(n))
+        .ok_or_else(|| bad("limit", "must be between 1 and 1000"))
 }
 
 /// Decodes `%XX` escapes and `+`; `None` for a malformed escape or non-UTF-8 result.
@@ -146,55 +182,52 @@ fn percent_decode(value: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn defaults_to_sixty_second_buckets_and_whole_match() {
-        let p = MetricsParams::parse("m1", None).expect("valid");
-        assert_eq!((p.bucket_secs, p.from_secs, p.to_secs), (60, None, None));
-    }
+    const ALL: &[Param] = &[Param::From, Param::To, Param::Bucket, Param::Limit];
 
     #[test]
-    fn reads_rfc3339_epoch_ms_and_bucket_units() {
-        let p = MetricsParams::parse(
-            "m1",
-            Some("from=2022-12-18T15%3A00%3A00Z&to=1671390000000&bucket=5m"),
+    fn reads_rfc3339_epoch_ms_bucket_units_and_limit() {
+        let p = QueryParams::parse(
+            Some("from=2022-12-18T15%3A00%3A00Z&to=1671390000000&bucket=5m&limit=7"),
+            ALL,
         )
         .expect("valid");
         assert_eq!(p.from_secs, Some(1_671_375_600));
         assert_eq!(p.to_secs, Some(1_671_390_000));
-        assert_eq!(p.bucket_secs, 300);
-        assert_eq!(
-            MetricsParams::parse("m", Some("bucket=10s"))
-                .expect("ok")
-                .bucket_secs,
-            10
-        );
-        assert_eq!(
-            MetricsParams::parse("m", Some("bucket=60"))
-                .expect("ok")
-                .bucket_secs,
-            60
-        );
+        assert_eq!(p.bucket_secs, Some(300));
+        assert_eq!(p.limit, Some(7));
+        for (q, secs) in [("bucket=10s", 10), ("bucket=60", 60), ("bucket=1h", 3600)] {
+            let p = QueryParams::parse(Some(q), ALL).expect("valid");
+            assert_eq!(p.bucket_secs, Some(secs), "{q}");
+        }
+        assert_eq!(QueryParams::parse(None, &[]), Ok(QueryParams::default()));
     }
 
     #[test]
-    fn refuses_bad_bucket_window_and_unknown_params() {
+    fn refuses_bad_values_repeats_and_unknown_params() {
         for q in [
             "bucket=0s",
-            "bucket=2d",
+            "bucket=5s",
+            "bucket=15s",
+            "bucket=2h",
             "bucket=abc",
             "from=yesterday",
+            "from=-5",
             "form=1",
             "from=5000&to=1000",
+            "from=1&from=2",
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "from=%zz",
         ] {
-            assert!(MetricsParams::parse("m", Some(q)).is_err(), "{q}");
+            assert!(QueryParams::parse(Some(q), ALL).is_err(), "{q}");
         }
-        assert!(MetricsParams::parse("bad id", None).is_err());
-    }
-
-    #[test]
-    fn refuses_too_many_buckets() {
-        let p = MetricsParams::parse("m", Some("bucket=1s")).expect("valid");
-        assert!(p.check_bucket_count(0, 100, 1000).is_ok());
-        assert!(p.check_bucket_count(0, 100_000, 1000).is_err());
+        assert!(QueryParams::parse(Some("bucket=1m"), &[Param::Limit]).is_err());
+        assert!(match_id("bad id").is_err());
+        assert!(match_id(&"m".repeat(65)).is_err());
+        assert_eq!(
+            match_id("wc2022-final").ok().as_deref(),
+            Some("wc2022-final")
+        );
     }
 }

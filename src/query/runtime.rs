@@ -3,16 +3,18 @@
 //! Shards are glommio executors; the `clickhouse` crate needs Tokio. A shard spawns the
 //! query here and awaits the join handle, which Tokio completes from its own thread
 //! (glommio accepts such cross-thread wakes). One or two worker threads are plenty: a
-//! query spends its time waiting on ClickHouse, not on CPU.
+//! query spends its time waiting on ClickHouse, not on CPU. Answers are encoded to JSON
+//! here too, so a shard only copies bytes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use clickhouse::Client;
+use serde::Serialize;
 
-use super::metrics::{fetch_match_metrics, MatchMetrics};
-use super::params::MetricsParams;
-use super::QueryError;
+use super::api::{AnalyticsRequest, Endpoint};
+use super::{fans, live, matches, metrics, moments, polls, reactions, QueryError};
 use crate::app::config::Config;
 
 /// Runs queries off the shards.
@@ -51,16 +53,22 @@ impl QueryRuntime {
         }))
     }
 
-    /// Answers a metrics request. Safe to await from any executor.
+    /// Answers an analytics request as JSON bytes. Safe to await from any executor.
     ///
     /// # Errors
-    /// See [`fetch_match_metrics`]; [`QueryError::RuntimeGone`] if the task was cancelled
-    /// by a shutdown.
-    pub async fn match_metrics(&self, params: MetricsParams) -> Result<MatchMetrics, QueryError> {
+    /// The endpoint's errors; [`QueryError::Timeout`] past `clickhouse.request_timeout_ms`;
+    /// [`QueryError::RuntimeGone`] if the task was cancelled by a shutdown.
+    pub async fn answer(&self, request: AnalyticsRequest) -> Result<Bytes, QueryError> {
         let client = self.client.clone();
         let (max_buckets, timeout) = (self.max_buckets, self.timeout);
+        let work = async move {
+            let timeout_ms = timeout.as_millis() as u64;
+            tokio::time::timeout(timeout, run(&client, &request, max_buckets))
+                .await
+                .map_err(|_| QueryError::Timeout { timeout_ms })?
+        };
         self.runtime
-            .spawn(async move { fetch_match_metrics(&client, &params, max_buckets, timeout).await })
+            .spawn(work)
             .await
             .map_err(|_| QueryError::RuntimeGone)?
     }
@@ -70,4 +78,29 @@ impl QueryRuntime {
     pub fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
         self.runtime.block_on(fut)
     }
+}
+
+async fn run(
+    client: &Client,
+    request: &AnalyticsRequest,
+    max_buckets: u64,
+) -> Result<Bytes, QueryError> {
+    let (id, params) = (request.match_id.as_str(), &request.params);
+    match request.endpoint {
+        Endpoint::Matches => encode(&matches::fetch(client, params).await?),
+        Endpoint::Metrics => encode(&metrics::fetch(client, id, params, max_buckets).await?),
+        Endpoint::Moments => encode(&moments::fetch(client, id, params, max_buckets).await?),
+        Endpoint::Reactions => encode(&reactions::fetch(client, id, params).await?),
+        Endpoint::Polls => encode(&polls::fetch(client, id, params).await?),
+        Endpoint::Fans => encode(&fans::fetch(client, id, params).await?),
+        Endpoint::Live => encode(&live::fetch(client, id).await?),
+    }
+}
+
+fn encode<T: Serialize>(answer: &T) -> Result<Bytes, QueryError> {
+    sonic_rs::to_vec(answer)
+        .map(Bytes::from)
+        .map_err(|err| QueryError::Encode {
+            detail: err.to_string(),
+        })
 }

@@ -48,6 +48,9 @@ DEB_PACKAGES=(
     clickhouse-server clickhouse-client
     build-essential cmake pkg-config zlib1g-dev libssl-dev libsasl2-dev libcurl4-openssl-dev
     curl
+    # The live match page's browser test (tests/live_page.rs) and its screenshot: headless
+    # Chromium, a text font and an emoji font (the page lists reaction emoji).
+    chromium fonts-liberation fonts-noto-color-emoji
 )
 
 log() { printf 'stack: %s\n' "$*"; }

@@ -349,9 +349,11 @@ pub struct QueryConfig {
     pub threads: usize,
     /// Refuse windows that would produce more timeline buckets than this.
     pub max_buckets: u64,
-    /// How long a shard serves an answer without recomputing it; stale answers up to
-    /// twice this are served while one recomputation runs. 0 turns the cache off.
+    /// How long a shard serves an answer without recomputing it. 0 turns the cache off.
     pub cache_ttl_ms: u64,
+    /// How old an answer may be served while one recomputation runs (at least the TTL);
+    /// older ones make the request wait for the recomputation.
+    pub cache_max_stale_ms: u64,
     /// Answers each shard keeps at most.
     pub cache_entries: usize,
 }
@@ -362,6 +364,7 @@ impl Default for QueryConfig {
             threads: 2,
             max_buckets: 10_000,
             cache_ttl_ms: 500,
+            cache_max_stale_ms: 5_000,
             cache_entries: 512,
         }
     }
@@ -703,8 +706,11 @@ impl Config {
         if self.query.threads == 0 || self.query.max_buckets == 0 || self.query.cache_entries == 0 {
             return invalid("query.threads", "max_buckets and cache_entries must be > 0");
         }
-        if self.query.cache_ttl_ms > 60_000 {
-            return invalid("query.cache_ttl_ms", "must be at most 60000");
+        if self.query.cache_ttl_ms > 60_000 || self.query.cache_max_stale_ms > 600_000 {
+            return invalid(
+                "query.cache_ttl_ms",
+                "must be at most 60000 (and cache_max_stale_ms at most 600000)",
+            );
         }
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return invalid("log.format", "must be text or json");

@@ -192,6 +192,7 @@ async fn run_shard(
     let cors = CorsPolicy::from_config(&shared.config.http);
     let answers = AnswerCache::new(
         Duration::from_millis(shared.config.query.cache_ttl_ms),
+        Duration::from_millis(shared.config.query.cache_max_stale_ms),
         shared.config.query.cache_entries,
     );
     let ctx = Rc::new(ShardContext {

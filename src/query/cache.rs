@@ -5,14 +5,16 @@
 //! encoded JSON body and when it was computed, and at most one recomputation in flight,
 //! shared by every request that has to wait for it (`futures_util`'s `Shared`).
 //!
-//! Freshness rules, with `ttl` = `query.cache_ttl_ms`:
+//! Freshness rules, with `ttl` = `query.cache_ttl_ms` and `max_stale` =
+//! `query.cache_max_stale_ms`:
 //! - younger than `ttl`: served as is;
-//! - between `ttl` and `2 × ttl`: served as is while one recomputation runs in the
-//!   background (stale-while-revalidate), so a poller never waits on ClickHouse;
-//! - older, or absent: the request waits for the (shared) recomputation.
+//! - older, but younger than `max_stale`: served as is while one recomputation runs in
+//!   the background (stale-while-revalidate), so a poller never waits on ClickHouse; the
+//!   first request after `ttl` starts it, so an answer polled steadily is at most `ttl`
+//!   plus one query old;
+//! - older than `max_stale`, or absent: the request waits for the (shared) recomputation.
 //!
-//! So an answer is at most `2 × ttl` plus one query old; its `generated_at_ms` says how
-//! old exactly. Failures are not cached: the next request tries again. The map holds at
+//! `generated_at_ms` in every answer says how old it is exactly. Failures are not cached: the next request tries again. The map holds at
 //! most `capacity` answers; past that the stalest is dropped, so hostile clients varying
 //! parameters cost queries, not memory.
 
@@ -38,6 +40,7 @@ struct Entry {
 /// One shard's answers by key.
 pub struct AnswerCache {
     ttl: Duration,
+    max_stale: Duration,
     capacity: usize,
     entries: RefCell<HashMap<String, Entry>>,
     /// Drives a background recomputation: a glommio task on a shard.
@@ -52,17 +55,24 @@ enum Plan {
 }
 
 impl AnswerCache {
-    /// A cache keeping answers `ttl` fresh, at most `capacity` of them. A zero `ttl`
-    /// turns caching off (every request queries).
+    /// A cache keeping answers `ttl` fresh and serving them up to `max_stale` old while
+    /// they are recomputed, at most `capacity` of them. A zero `ttl` turns caching off
+    /// (every request queries).
     ///
     /// Must be used on a glommio executor, which runs the background recomputations.
-    pub fn new(ttl: Duration, capacity: usize) -> Rc<Self> {
-        Self::with_driver(ttl, capacity, spawn_on_shard)
+    pub fn new(ttl: Duration, max_stale: Duration, capacity: usize) -> Rc<Self> {
+        Self::with_driver(ttl, max_stale, capacity, spawn_on_shard)
     }
 
-    fn with_driver(ttl: Duration, capacity: usize, drive: fn(Computation)) -> Rc<Self> {
+    fn with_driver(
+        ttl: Duration,
+        max_stale: Duration,
+        capacity: usize,
+        drive: fn(Computation),
+    ) -> Rc<Self> {
         Rc::new(Self {
             ttl,
+            max_stale: max_stale.max(ttl),
             capacity: capacity.max(1),
             entries: RefCell::new(HashMap::new()),
             drive,
@@ -114,7 +124,7 @@ impl AnswerCache {
             .get_or_insert_with(|| self.start(key, compute()))
             .clone();
         match (&entry.answer, age) {
-            (Some((body, _)), Some(age)) if age < self.ttl * 2 => {
+            (Some((body, _)), Some(age)) if age < self.max_stale => {
                 // Serve the previous answer; someone must still drive the computation.
                 let body = body.clone();
                 drop(entries);
@@ -149,13 +159,13 @@ impl AnswerCache {
         }
     }
 
-    /// Drops answers past `2 × ttl` that nobody is computing; if none, the oldest.
+    /// Drops answers past `max_stale` that nobody is computing; if none, the oldest.
     fn evict(&self, entries: &mut HashMap<String, Entry>, now: Instant) {
         entries.retain(|_, e| {
             e.computing.is_some()
                 || e.answer
                     .as_ref()
-                    .is_some_and(|(_, at)| now.duration_since(*at) < self.ttl * 2)
+                    .is_some_and(|(_, at)| now.duration_since(*at) < self.max_stale)
         });
         if entries.len() < self.capacity {
             return;
@@ -200,7 +210,7 @@ mod tests {
 
     /// No executor here: a background recomputation is left for the next waiter.
     fn cache(ttl: Duration, capacity: usize) -> Rc<AnswerCache> {
-        AnswerCache::with_driver(ttl, capacity, |_| {})
+        AnswerCache::with_driver(ttl, ttl * 2, capacity, |_| {})
     }
 
     #[test]
@@ -233,7 +243,8 @@ mod tests {
         let first = block_on(cache.get("k".into(), || async { Ok(Bytes::from_static(b"1")) }));
         assert_eq!(first.ok(), Some(Bytes::from_static(b"1")));
         std::thread::sleep(Duration::from_millis(25));
-        // Stale but within 2 x ttl: the old answer; the refresh is left pending.
+        // Stale but within max_stale (2 x ttl here): the old answer; the refresh is left
+        // pending.
         let stale = block_on(cache.get("k".into(), || async { Ok(Bytes::from_static(b"2")) }));
         assert_eq!(stale.ok(), Some(Bytes::from_static(b"1")));
         std::thread::sleep(Duration::from_millis(25));

@@ -2,9 +2,9 @@
 //!
 //! Only `main` lives here: flag parsing and dispatch. `replay` (a match's crowd, closed
 //! pool of workers) lives in `replay.rs`; the open-model profiles `steady`, `spike` and
-//! `ramp` in `profiles.rs` over the engine in `open_model.rs`. The generator only targets
-//! this machine unless told otherwise (`target.rs`), and every loop in it is bounded in
-//! time and count.
+//! `ramp` in `profiles.rs` over the engine in `open_model.rs`; the closed-loop query poller
+//! `poll` in `poll.rs`. The generator only targets this machine unless told otherwise
+//! (`target.rs`), and every loop in it is bounded in time and count.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,6 +22,7 @@ mod mock_server;
 mod open_model;
 mod open_report;
 mod open_stats;
+mod poll;
 mod proc_watch;
 mod profiles;
 mod ramp_plan;
@@ -59,6 +60,9 @@ enum Command {
     /// Open model: geometric steps until p99, throughput or errors break; finds the
     /// highest rate that held.
     Ramp(profiles::RampArgs),
+    /// Closed loop: --clients keep-alive clients GET --path(s) every --interval and
+    /// report latency, statuses and answer age per path (the analytics API's benchmark).
+    Poll(poll::PollArgs),
 }
 
 /// What any subcommand ended with: a one-line summary and why it failed, if it did.
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Command::Steady(a) => a.common.threads,
         Command::Spike(a) => a.common.threads,
         Command::Ramp(a) => a.common.threads,
+        Command::Poll(a) => a.threads,
     };
     if threads == Some(0) {
         // Checked here: tokio refuses zero workers by panicking.
@@ -117,6 +122,13 @@ fn main() -> ExitCode {
                 .await
                 .map(open),
             Command::Ramp(args) => profiles::run(profiles::Profile::Ramp(args)).await.map(open),
+            Command::Poll(args) => poll::run(args).await.map(|outcome| Verdict {
+                summary: format!(
+                    "{} requests, {} without 2xx, p99 {:.2} ms",
+                    outcome.all.requests, outcome.all.failed, outcome.all.latency_ms.p99
+                ),
+                failures: outcome.failures,
+            }),
         }
     });
     // Retry timers and in-flight requests of an abandoned run may still be pending; don't

@@ -337,6 +337,10 @@ fn metrics(match_id: &str, query: &str, state: &Shared) -> Response<Full<Bytes>>
         "bucket_seconds": 60,
         "timeline": timeline,
         "newest_received_at_ms": null,
+        // As the analytics answers do (docs/analytics.md); `loadtest poll` reads it.
+        "generated_at_ms": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
     });
     reply(StatusCode::OK, answer.to_string())
 }

@@ -19,7 +19,7 @@ use crate::stats::BatchEnd;
 /// Highest latency held, in microseconds (one hour); longer ones are clamped.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 
-fn latency_histogram() -> Histogram<u64> {
+pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
         .expect("latency histogram bounds are constants: 1 us to 1 h, 3 digits")
 }

@@ -350,7 +350,7 @@ pub struct OpenOutcome {
 
 /// Resolves on the first Ctrl-C (SIGINT) or SIGTERM, naming it; never, if neither can be
 /// listened for.
-async fn stop_signal() -> &'static str {
+pub async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => tokio::select! {

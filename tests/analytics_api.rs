@@ -212,6 +212,18 @@ impl Check<'_> {
     }
 
     fn fans(&self) {
+        // The whole match (from `fan_totals`), then a window (from `fan_counts`).
+        let a = self.api(&format!("/v1/matches/{}/fans?limit=5", self.m));
+        let top: Vec<Value> = self
+            .raw(
+                "user_id, count() AS n",
+                "",
+                "GROUP BY user_id ORDER BY n DESC, user_id LIMIT 5",
+            )
+            .into_iter()
+            .map(|r| json!({"user_id": r[0], "events": r[1].parse::<u64>().expect("n")}))
+            .collect();
+        assert_eq!(a["fans"], json!(top));
         let from = KICKOFF_MS + 20 * 60_000 + 30_000;
         let a = self.api(&format!("/v1/matches/{}/fans?limit=5&from={from}", self.m));
         assert_eq!(
@@ -264,6 +276,7 @@ impl Check<'_> {
             .expect("the match is listed");
         assert_eq!(mine["events"], self.raw_u64("count()", ""));
         assert_eq!(mine["first_event_ms"], KICKOFF_MS);
+        self.assert_fans(&mine["unique_fans"], "", "match list unique_fans");
         assert_eq!(listed[0]["match_id"], self.m, "most events first");
         assert!(listed.iter().any(|x| x["match_id"] == other));
     }
@@ -331,6 +344,8 @@ fn every_number_matches_the_raw_events_before_and_after_merges_and_redelivery() 
         "reaction_counts",
         "poll_votes",
         "fan_counts",
+        "fan_totals",
+        "match_minutes",
     ] {
         clickhouse(&format!("OPTIMIZE TABLE {}.{table} FINAL", names.database));
     }

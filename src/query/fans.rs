@@ -1,5 +1,7 @@
-//! `GET /v1/matches/{id}/fans`: the most engaged fans, from `fan_counts` (events per fan
-//! per minute). The window is widened to whole minutes, the table's resolution.
+//! `GET /v1/matches/{id}/fans`: the most engaged fans. A request without `from`/`to`
+//! reads `fan_totals` (one row per fan and match); a window reads `fan_counts` (one row
+//! per fan and minute), widened to whole minutes, its resolution. The whole match is the
+//! view dashboards poll, and per-minute rows for it cost nearly as much as raw events.
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
@@ -40,16 +42,27 @@ pub async fn fetch(
 ) -> Result<MatchFans, QueryError> {
     let span = match_span(client, match_id).await?;
     let window = resolve(params, span, 60);
-    let sql = format!(
-        "SELECT user_id, sum(events) AS events FROM fan_counts WHERE {} \
-         GROUP BY user_id ORDER BY events DESC, user_id LIMIT ?",
-        window_filter("minute")
-    );
+    let whole_match = params.from_secs.is_none() && params.to_secs.is_none();
+    let sql = if whole_match {
+        "SELECT user_id, sum(events) AS events FROM fan_totals WHERE match_id = ? \
+         GROUP BY user_id ORDER BY events DESC, user_id LIMIT ?"
+            .to_string()
+    } else {
+        format!(
+            "SELECT user_id, sum(events) AS events FROM fan_counts WHERE {} \
+             GROUP BY user_id ORDER BY events DESC, user_id LIMIT ?",
+            window_filter("minute")
+        )
+    };
     let newest_sql = newest_sql();
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
-    let top = in_window(client.query(&sql), match_id, window)
-        .bind(limit)
-        .fetch_all::<FanCount>();
+    let top = if whole_match {
+        client.query(&sql).bind(match_id)
+    } else {
+        in_window(client.query(&sql), match_id, window)
+    }
+    .bind(limit)
+    .fetch_all::<FanCount>();
     let newest = in_window(client.query(&newest_sql), match_id, window).fetch_one::<NewestRow>();
     let (fans, newest) = tokio::try_join!(top, newest).map_err(failed)?;
     Ok(MatchFans {

@@ -1,15 +1,15 @@
 //! `GET /v1/matches`: the matches with events in a window, most events first.
 //!
-//! Unlike the per-match endpoints this reads `event_counts` across matches, so its cost
-//! grows with the number of matches in the window (the sort key starts with the match);
-//! the per-shard cache keeps it to one query per answer and TTL.
+//! Reads `match_minutes`, sorted by minute first, so a window reads only its own minutes
+//! (one row per match and minute); the window is widened to whole minutes. Unique fans
+//! come from `fan_buckets` for the listed matches.
 
 use std::collections::BTreeMap;
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
-use super::params::{QueryParams, BASE_BUCKET_SECS};
+use super::params::QueryParams;
 use super::sql::failed;
 use super::window::{ceil, floor, Window, WindowJson};
 use super::{now_ms, QueryError};
@@ -17,6 +17,8 @@ use super::{now_ms, QueryError};
 /// Window when the request names no `from`: the last day.
 const DEFAULT_SPAN_SECS: u32 = 86_400;
 const DEFAULT_LIMIT: u32 = 100;
+/// The resolution of `match_minutes`.
+const MINUTE: u32 = 60;
 
 /// Matches seen in a window.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -63,15 +65,16 @@ pub async fn fetch(client: &Client, params: &QueryParams) -> Result<MatchList, Q
         .from_secs
         .unwrap_or_else(|| to.saturating_sub(DEFAULT_SPAN_SECS));
     let window = Window {
-        from: floor(from, BASE_BUCKET_SECS),
-        to: ceil(to, BASE_BUCKET_SECS).max(floor(from, BASE_BUCKET_SECS) + BASE_BUCKET_SECS),
+        from: floor(from, MINUTE),
+        to: ceil(to, MINUTE).max(floor(from, MINUTE) + MINUTE),
     };
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
     let rows: Vec<MatchRow> = client
         .query(
-            "SELECT match_id, countMerge(events) AS events, toUInt32(min(second)) AS first, \
-             toUInt32(max(second)) AS last, maxMerge(newest_ms) AS newest_ms \
-             FROM event_counts WHERE second >= toDateTime(?) AND second < toDateTime(?) \
+            "SELECT match_id, countMerge(events) AS events, \
+             toUInt32(minMerge(first_event)) AS first, toUInt32(maxMerge(last_event)) AS last, \
+             maxMerge(newest_ms) AS newest_ms \
+             FROM match_minutes WHERE minute >= toDateTime(?) AND minute < toDateTime(?) \
              GROUP BY match_id ORDER BY events DESC, match_id LIMIT ?",
         )
         .bind(window.from)

@@ -31,6 +31,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "aggregates",
         sql: include_str!("migrations/0002_aggregates.sql"),
     },
+    Migration {
+        version: 3,
+        name: "match_and_fan_totals",
+        sql: include_str!("migrations/0003_match_and_fan_totals.sql"),
+    },
 ];
 
 #[derive(Debug, Row, Deserialize)]

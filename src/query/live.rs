@@ -28,10 +28,29 @@ pub struct MatchLive {
     /// Over the window widened to whole 10-second buckets.
     pub unique_fans: u64,
     pub by_type: BTreeMap<&'static str, u64>,
-    /// Seconds with events only (`unique_fans` is 0 in them: fans are kept per 10 s).
-    pub timeline: Vec<TimelineBucket>,
+    /// Seconds with events only, oldest first.
+    pub timeline: Vec<LiveSecond>,
     pub newest_received_at_ms: Option<i64>,
     pub generated_at_ms: i64,
+}
+
+/// Events in one second. No unique fans: they are kept per 10 seconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LiveSecond {
+    /// The second, epoch milliseconds.
+    pub t: i64,
+    pub events: u64,
+    pub by_type: BTreeMap<&'static str, u64>,
+}
+
+impl From<TimelineBucket> for LiveSecond {
+    fn from(b: TimelineBucket) -> Self {
+        Self {
+            t: b.t,
+            events: b.events,
+            by_type: b.by_type,
+        }
+    }
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -100,7 +119,7 @@ pub async fn fetch(client: &Client, match_id: &str) -> Result<MatchLive, QueryEr
         total_events: timeline.iter().map(|b| b.events).sum(),
         unique_fans: fans,
         by_type,
-        timeline,
+        timeline: timeline.into_iter().map(LiveSecond::from).collect(),
         newest_received_at_ms: newest.newest(),
         generated_at_ms: now_ms(),
     })

@@ -1,10 +1,8 @@
 //! `GET /v1/matches`: the matches with events in a window, most events first.
 //!
 //! Reads `match_minutes`, sorted by minute first, so a window reads only its own minutes
-//! (one row per match and minute); the window is widened to whole minutes. Unique fans
-//! come from `fan_buckets` for the listed matches.
-
-use std::collections::BTreeMap;
+//! (one row per match and minute, with its own fan sketch); the window is widened to
+//! whole minutes.
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
@@ -46,11 +44,6 @@ struct MatchRow {
     first: u32,
     last: u32,
     newest_ms: i64,
-}
-
-#[derive(Debug, Row, Deserialize)]
-struct FansRow {
-    match_id: String,
     fans: u64,
 }
 
@@ -73,7 +66,7 @@ pub async fn fetch(client: &Client, params: &QueryParams) -> Result<MatchList, Q
         .query(
             "SELECT match_id, countMerge(events) AS events, \
              toUInt32(minMerge(first_event)) AS first, toUInt32(maxMerge(last_event)) AS last, \
-             maxMerge(newest_ms) AS newest_ms \
+             maxMerge(newest_ms) AS newest_ms, uniqHLL12Merge(fans) AS fans \
              FROM match_minutes WHERE minute >= toDateTime(?) AND minute < toDateTime(?) \
              GROUP BY match_id ORDER BY events DESC, match_id LIMIT ?",
         )
@@ -83,31 +76,11 @@ pub async fn fetch(client: &Client, params: &QueryParams) -> Result<MatchList, Q
         .fetch_all()
         .await
         .map_err(failed)?;
-    let fans: BTreeMap<String, u64> = if rows.is_empty() {
-        BTreeMap::new()
-    } else {
-        let ids: Vec<&str> = rows.iter().map(|r| r.match_id.as_str()).collect();
-        client
-            .query(
-                "SELECT match_id, uniqHLL12Merge(fans) AS fans FROM fan_buckets \
-                 WHERE has(?, match_id) AND bucket >= toDateTime(?) AND bucket < toDateTime(?) \
-                 GROUP BY match_id",
-            )
-            .bind(ids)
-            .bind(window.from)
-            .bind(window.to)
-            .fetch_all::<FansRow>()
-            .await
-            .map_err(failed)?
-            .into_iter()
-            .map(|r| (r.match_id, r.fans))
-            .collect()
-    };
     let newest = rows.iter().map(|r| r.newest_ms).max();
     let matches = rows
         .into_iter()
         .map(|r| MatchSummary {
-            unique_fans: fans.get(&r.match_id).copied().unwrap_or(0),
+            unique_fans: r.fans,
             events: r.events,
             first_event_ms: i64::from(r.first) * 1000,
             last_event_ms: i64::from(r.last) * 1000,

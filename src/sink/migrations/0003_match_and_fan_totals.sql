@@ -15,7 +15,8 @@ ENGINE = SummingMergeTree()
 ORDER BY (match_id, user_id);
 
 -- Per minute of event time and match, sorted by time first: the match list for a window
--- reads only that window's minutes.
+-- reads only that window's minutes. Its own fan sketches, because merging `fan_buckets`
+-- (one sketch per 10 s) for 100 matches took 0.4 s.
 CREATE TABLE IF NOT EXISTS {db}.match_minutes
 (
     minute      DateTime,
@@ -23,7 +24,8 @@ CREATE TABLE IF NOT EXISTS {db}.match_minutes
     events      AggregateFunction(count),
     first_event AggregateFunction(min, DateTime),
     last_event  AggregateFunction(max, DateTime),
-    newest_ms   AggregateFunction(max, Int64)
+    newest_ms   AggregateFunction(max, Int64),
+    fans        AggregateFunction(uniqHLL12, String)
 )
 ENGINE = AggregatingMergeTree()
 PARTITION BY toYYYYMM(minute)
@@ -37,6 +39,7 @@ GROUP BY match_id, user_id;
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.match_minutes_mv TO {db}.match_minutes AS
 SELECT toStartOfMinute(event_time) AS minute, match_id,
        countState() AS events, minState(event_time) AS first_event,
-       maxState(event_time) AS last_event, maxState(received_at_ms) AS newest_ms
+       maxState(event_time) AS last_event, maxState(received_at_ms) AS newest_ms,
+       uniqHLL12State(user_id) AS fans
 FROM {db}.events
 GROUP BY minute, match_id;

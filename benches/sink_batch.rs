@@ -6,6 +6,11 @@
 //! table holds right after the last insert. It backs `sink.max_batch_rows` and
 //! `sink.flush_interval_ms`; the results live in `docs/benchmarks.md`.
 //!
+//! Before each insert it also runs the sink's dedup check (`sink::dedup`: the ledger
+//! range query per partition and the recent window, default size) on the batch, timed
+//! apart from the insert, against a ledger that grows as the run goes: the "check"
+//! columns are what dedup adds to each insert.
+//!
 //! ```sh
 //! BENCH_CLICKHOUSE_URL=http://127.0.0.1:18123 cargo bench --bench sink_batch
 //! ```
@@ -32,6 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clickhouse::Client;
 use fanfinity::app::config::ClickHouseConfig;
+use fanfinity::app::config::SinkConfig;
+use fanfinity::sink::dedup::Dedup;
 use fanfinity::sink::row::EventRow;
 use fanfinity::sink::writer::BatchWriter;
 use fanfinity::sink::{clickhouse as sink_clickhouse, migrate};
@@ -82,6 +89,8 @@ struct SizeResult {
     inserts: usize,
     insert_time: Duration,
     latencies: Vec<Duration>,
+    /// Dedup check (ledger queries, window lookups and updates) per batch.
+    checks: Vec<Duration>,
     active_parts: u64,
     /// Why the size stopped early, if it did.
     stopped: Option<String>,
@@ -158,9 +167,11 @@ fn measure(
         inserts: 0,
         insert_time: Duration::ZERO,
         latencies: Vec::with_capacity(batches),
+        checks: Vec::with_capacity(batches),
         active_parts: 0,
         stopped: None,
     };
+    let mut dedup = Dedup::new("bench", SinkConfig::default().dedup_window);
     let started = Instant::now();
     let mut rows = Vec::with_capacity(batch_rows);
     for batch in 0..batches {
@@ -171,8 +182,24 @@ fn measure(
         let len = batch_rows.min(total_rows - batch * batch_rows);
         generator.fill(&mut rows, len);
 
+        let all: Vec<usize> = (0..len).collect();
+        let check_started = Instant::now();
+        match dedup.unseen(&writer, &rows, &all) {
+            Ok((keep, _)) if keep.len() == len => {}
+            Ok((keep, _)) => bail!("dedup dropped {} new rows", len - keep.len()),
+            Err(err) => {
+                result.stopped = Some(format!("check {batch} failed: {}", error_chain(&err)));
+                break;
+            }
+        }
+        let mut check = check_started.elapsed();
+
         match writer.insert(&rows) {
             Ok(elapsed) => {
+                let remember_started = Instant::now();
+                dedup.remember(&rows, &all);
+                check += remember_started.elapsed();
+                result.checks.push(check);
                 result.rows += len;
                 result.inserts += 1;
                 result.insert_time += elapsed;
@@ -199,20 +226,27 @@ fn measure(
 
 fn print_table(results: &[SizeResult]) {
     println!();
-    println!("| batch rows | inserts | rows/s | median insert ms | p99 insert ms | active parts |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| batch rows | inserts | rows/s | median insert ms | p99 insert ms | active parts \
+         | median check ms | p99 check ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         let rows_per_sec = r.rows as f64 / r.insert_time.as_secs_f64().max(1e-9);
         let mut sorted = r.latencies.clone();
         sorted.sort_unstable();
+        let mut checks = r.checks.clone();
+        checks.sort_unstable();
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} |",
             r.batch_rows,
             r.inserts,
             rows_per_sec,
             millis(percentile(&sorted, 0.50)),
             millis(percentile(&sorted, 0.99)),
             r.active_parts,
+            millis(percentile(&checks, 0.50)),
+            millis(percentile(&checks, 0.99)),
         );
     }
     for r in results {

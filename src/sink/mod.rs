@@ -50,14 +50,17 @@ pub enum SinkError {
         #[source]
         source: ::clickhouse::error::Error,
     },
-    #[error("dedup query for partition {partition} failed ({what})")]
+    #[error("clickhouse dedup query for partition {partition} failed ({what})")]
     Dedup {
         what: &'static str,
         partition: i32,
         #[source]
         source: ::clickhouse::error::Error,
     },
-    #[error("dedup query for partition {partition} ({what}) timed out after {timeout_ms} ms")]
+    #[error(
+        "clickhouse dedup query for partition {partition} ({what}) timed out after \
+         {timeout_ms} ms"
+    )]
     DedupTimeout {
         what: &'static str,
         partition: i32,

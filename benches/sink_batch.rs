@@ -9,7 +9,8 @@
 //! Before each insert it also runs the sink's dedup check (`sink::dedup`: the ledger
 //! range query per partition and the recent window, default size) on the batch, timed
 //! apart from the insert, against a ledger that grows as the run goes: the "check"
-//! columns are what dedup adds to each insert.
+//! columns are what dedup adds to each insert. "Redelivered check" is the ledger check
+//! alone (window off) of the last batch once it is in the ledger: a batch read again.
 //!
 //! ```sh
 //! BENCH_CLICKHOUSE_URL=http://127.0.0.1:18123 cargo bench --bench sink_batch
@@ -91,6 +92,8 @@ struct SizeResult {
     latencies: Vec<Duration>,
     /// Dedup check (ledger queries, window lookups and updates) per batch.
     checks: Vec<Duration>,
+    /// Ledger check of the last batch, all of it already in the ledger.
+    redelivered_check: Duration,
     active_parts: u64,
     /// Why the size stopped early, if it did.
     stopped: Option<String>,
@@ -168,6 +171,7 @@ fn measure(
         insert_time: Duration::ZERO,
         latencies: Vec::with_capacity(batches),
         checks: Vec::with_capacity(batches),
+        redelivered_check: Duration::ZERO,
         active_parts: 0,
         stopped: None,
     };
@@ -212,6 +216,19 @@ fn measure(
         }
     }
 
+    if result.stopped.is_none() && !rows.is_empty() {
+        let all: Vec<usize> = (0..rows.len()).collect();
+        let mut ledger_only = Dedup::new("bench-redelivered", 0);
+        let check_started = Instant::now();
+        let (keep, _) = ledger_only
+            .unseen(&writer, &rows, &all)
+            .map_err(|err| anyhow::anyhow!("redelivered check: {}", error_chain(&err)))?;
+        result.redelivered_check = check_started.elapsed();
+        if !keep.is_empty() {
+            bail!("{} rows of a redelivered batch were kept", keep.len());
+        }
+    }
+
     let parts_sql = format!(
         "SELECT count() FROM system.parts \
          WHERE database = '{}' AND table = 'events' AND active",
@@ -228,9 +245,9 @@ fn print_table(results: &[SizeResult]) {
     println!();
     println!(
         "| batch rows | inserts | rows/s | median insert ms | p99 insert ms | active parts \
-         | median check ms | p99 check ms |"
+         | median check ms | p99 check ms | redelivered check ms |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         let rows_per_sec = r.rows as f64 / r.insert_time.as_secs_f64().max(1e-9);
         let mut sorted = r.latencies.clone();
@@ -238,7 +255,7 @@ fn print_table(results: &[SizeResult]) {
         let mut checks = r.checks.clone();
         checks.sort_unstable();
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.2} |",
             r.batch_rows,
             r.inserts,
             rows_per_sec,
@@ -247,6 +264,7 @@ fn print_table(results: &[SizeResult]) {
             r.active_parts,
             millis(percentile(&checks, 0.50)),
             millis(percentile(&checks, 0.99)),
+            millis(r.redelivered_check),
         );
     }
     for r in results {

@@ -249,7 +249,7 @@ fn the_same_batch_twice_counts_once() {
     let status = SinkStatus::default();
     let mut rows = Rows::new("samebatch-m1");
     let batch: Vec<EventRow> = (0..60)
-        .map(|i| rows.row((i % 3) as i32, 100 + i as i64))
+        .map(|i: i32| rows.row(i % 3, 100 + i64::from(i)))
         .collect();
 
     let mut dedup = Dedup::new("sink-0", 1_000);

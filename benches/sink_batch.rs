@@ -18,7 +18,9 @@
 //!
 //! Without `BENCH_CLICKHOUSE_URL` it prints why and exits 0, so `cargo bench` works on a
 //! machine without ClickHouse. Optional: `BENCH_SINK_ROWS_PER_SIZE` (default 400000) and
-//! `BENCH_SINK_BATCH_ROWS` (comma-separated sizes, default 1000,5000,20000,50000,100000).
+//! `BENCH_SINK_BATCH_ROWS` (comma-separated sizes, default 1000,5000,20000,50000,100000),
+//! `BENCH_SINK_DB_PREFIX` (default `bench_sink`, for runs that must keep to their own
+//! database names).
 //! No variable starts with `FANFINITY_`: that prefix configures fanfinity itself.
 //!
 //! Each size gets a fresh database `bench_sink_<pid>_<batch rows>`, created by the sink's
@@ -105,6 +107,14 @@ fn run(url: &str) -> Result<()> {
         Ok(list) => parse_sizes(&list)?,
         Err(_) => DEFAULT_BATCH_ROWS.to_vec(),
     };
+    let db_prefix = env::var("BENCH_SINK_DB_PREFIX").unwrap_or_else(|_| "bench_sink".into());
+    if db_prefix.is_empty()
+        || !db_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        bail!("BENCH_SINK_DB_PREFIX={db_prefix:?} must be letters, digits and _");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -127,7 +137,7 @@ fn run(url: &str) -> Result<()> {
     let mut results = Vec::with_capacity(sizes.len());
     for &batch_rows in &sizes {
         let config = ClickHouseConfig {
-            database: format!("bench_sink_{}_{batch_rows}", std::process::id()),
+            database: format!("{db_prefix}_{}_{batch_rows}", std::process::id()),
             ..base.clone()
         };
         let measured = measure(&runtime, &config, batch_rows, rows_per_size, &mut generator);

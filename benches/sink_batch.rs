@@ -6,13 +6,21 @@
 //! table holds right after the last insert. It backs `sink.max_batch_rows` and
 //! `sink.flush_interval_ms`; the results live in `docs/benchmarks.md`.
 //!
+//! Before each insert it also runs the sink's dedup check (`sink::dedup`: the ledger
+//! range query per partition and the recent window, default size) on the batch, timed
+//! apart from the insert, against a ledger that grows as the run goes: the "check"
+//! columns are what dedup adds to each insert. "Redelivered check" is the ledger check
+//! alone (window off) of the last batch once it is in the ledger: a batch read again.
+//!
 //! ```sh
 //! BENCH_CLICKHOUSE_URL=http://127.0.0.1:18123 cargo bench --bench sink_batch
 //! ```
 //!
 //! Without `BENCH_CLICKHOUSE_URL` it prints why and exits 0, so `cargo bench` works on a
 //! machine without ClickHouse. Optional: `BENCH_SINK_ROWS_PER_SIZE` (default 400000) and
-//! `BENCH_SINK_BATCH_ROWS` (comma-separated sizes, default 1000,5000,20000,50000,100000).
+//! `BENCH_SINK_BATCH_ROWS` (comma-separated sizes, default 1000,5000,20000,50000,100000),
+//! `BENCH_SINK_DB_PREFIX` (default `bench_sink`, for runs that must keep to their own
+//! database names).
 //! No variable starts with `FANFINITY_`: that prefix configures fanfinity itself.
 //!
 //! Each size gets a fresh database `bench_sink_<pid>_<batch rows>`, created by the sink's
@@ -32,6 +40,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clickhouse::Client;
 use fanfinity::app::config::ClickHouseConfig;
+use fanfinity::app::config::SinkConfig;
+use fanfinity::sink::dedup::Dedup;
 use fanfinity::sink::row::EventRow;
 use fanfinity::sink::writer::BatchWriter;
 use fanfinity::sink::{clickhouse as sink_clickhouse, migrate};
@@ -82,6 +92,10 @@ struct SizeResult {
     inserts: usize,
     insert_time: Duration,
     latencies: Vec<Duration>,
+    /// Dedup check (ledger queries, window lookups and updates) per batch.
+    checks: Vec<Duration>,
+    /// Ledger check of the last batch, all of it already in the ledger.
+    redelivered_check: Duration,
     active_parts: u64,
     /// Why the size stopped early, if it did.
     stopped: Option<String>,
@@ -93,6 +107,14 @@ fn run(url: &str) -> Result<()> {
         Ok(list) => parse_sizes(&list)?,
         Err(_) => DEFAULT_BATCH_ROWS.to_vec(),
     };
+    let db_prefix = env::var("BENCH_SINK_DB_PREFIX").unwrap_or_else(|_| "bench_sink".into());
+    if db_prefix.is_empty()
+        || !db_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        bail!("BENCH_SINK_DB_PREFIX={db_prefix:?} must be letters, digits and _");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -115,7 +137,7 @@ fn run(url: &str) -> Result<()> {
     let mut results = Vec::with_capacity(sizes.len());
     for &batch_rows in &sizes {
         let config = ClickHouseConfig {
-            database: format!("bench_sink_{}_{batch_rows}", std::process::id()),
+            database: format!("{db_prefix}_{}_{batch_rows}", std::process::id()),
             ..base.clone()
         };
         let measured = measure(&runtime, &config, batch_rows, rows_per_size, &mut generator);
@@ -158,9 +180,12 @@ fn measure(
         inserts: 0,
         insert_time: Duration::ZERO,
         latencies: Vec::with_capacity(batches),
+        checks: Vec::with_capacity(batches),
+        redelivered_check: Duration::ZERO,
         active_parts: 0,
         stopped: None,
     };
+    let mut dedup = Dedup::new("bench", SinkConfig::default().dedup_window);
     let started = Instant::now();
     let mut rows = Vec::with_capacity(batch_rows);
     for batch in 0..batches {
@@ -171,8 +196,24 @@ fn measure(
         let len = batch_rows.min(total_rows - batch * batch_rows);
         generator.fill(&mut rows, len);
 
+        let all: Vec<usize> = (0..len).collect();
+        let check_started = Instant::now();
+        match dedup.unseen(&writer, &rows, &all) {
+            Ok((keep, _)) if keep.len() == len => {}
+            Ok((keep, _)) => bail!("dedup dropped {} new rows", len - keep.len()),
+            Err(err) => {
+                result.stopped = Some(format!("check {batch} failed: {}", error_chain(&err)));
+                break;
+            }
+        }
+        let mut check = check_started.elapsed();
+
         match writer.insert(&rows) {
             Ok(elapsed) => {
+                let remember_started = Instant::now();
+                dedup.remember(&rows, &all);
+                check += remember_started.elapsed();
+                result.checks.push(check);
                 result.rows += len;
                 result.inserts += 1;
                 result.insert_time += elapsed;
@@ -182,6 +223,19 @@ fn measure(
                 result.stopped = Some(format!("batch {batch} failed: {}", error_chain(&err)));
                 break;
             }
+        }
+    }
+
+    if result.stopped.is_none() && !rows.is_empty() {
+        let all: Vec<usize> = (0..rows.len()).collect();
+        let mut ledger_only = Dedup::new("bench-redelivered", 0);
+        let check_started = Instant::now();
+        let (keep, _) = ledger_only
+            .unseen(&writer, &rows, &all)
+            .map_err(|err| anyhow::anyhow!("redelivered check: {}", error_chain(&err)))?;
+        result.redelivered_check = check_started.elapsed();
+        if !keep.is_empty() {
+            bail!("{} rows of a redelivered batch were kept", keep.len());
         }
     }
 
@@ -199,20 +253,28 @@ fn measure(
 
 fn print_table(results: &[SizeResult]) {
     println!();
-    println!("| batch rows | inserts | rows/s | median insert ms | p99 insert ms | active parts |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| batch rows | inserts | rows/s | median insert ms | p99 insert ms | active parts \
+         | median check ms | p99 check ms | redelivered check ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         let rows_per_sec = r.rows as f64 / r.insert_time.as_secs_f64().max(1e-9);
         let mut sorted = r.latencies.clone();
         sorted.sort_unstable();
+        let mut checks = r.checks.clone();
+        checks.sort_unstable();
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.2} |",
             r.batch_rows,
             r.inserts,
             rows_per_sec,
             millis(percentile(&sorted, 0.50)),
             millis(percentile(&sorted, 0.99)),
             r.active_parts,
+            millis(percentile(&checks, 0.50)),
+            millis(percentile(&checks, 0.99)),
+            millis(r.redelivered_check),
         );
     }
     for r in results {

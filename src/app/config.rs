@@ -246,6 +246,10 @@ impl Default for ConsumerConfig {
     }
 }
 
+/// Largest `sink.dedup_window`: the window is held in memory by every consumer thread and
+/// warmed from ClickHouse per partition, so a typo with extra zeros must not start.
+pub const MAX_DEDUP_WINDOW: usize = 50_000_000;
+
 /// Batching of ClickHouse inserts.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -270,6 +274,12 @@ pub struct SinkConfig {
     /// because someone changed the table, not within milliseconds.
     pub retry_topic_delay_ms: u64,
     pub retry_topic_delay_max_ms: u64,
+    /// `(match_id, event_id)` pairs each consumer thread remembers after inserting them,
+    /// so a client's resend of an event (same id, new Kafka offset) is dropped instead of
+    /// counted twice by the aggregates. About 27 bytes per entry (13.5 MB per thread at
+    /// the default); 0 turns the window off (the ledger check still runs). See
+    /// `sink::dedup`.
+    pub dedup_window: usize,
 }
 
 impl Default for SinkConfig {
@@ -283,6 +293,7 @@ impl Default for SinkConfig {
             retry_topic_attempts: 3,
             retry_topic_delay_ms: 30_000,
             retry_topic_delay_max_ms: 300_000,
+            dedup_window: 500_000,
         }
     }
 }
@@ -593,6 +604,12 @@ impl Config {
         if self.sink.retry_topic_attempts > 100 {
             return invalid("sink.retry_topic_attempts", "must be at most 100");
         }
+        if self.sink.dedup_window > MAX_DEDUP_WINDOW {
+            return invalid(
+                "sink.dedup_window",
+                "must be at most 50,000,000 (about 1.3 GB per consumer thread)",
+            );
+        }
         if self.consumer.group_id.trim().is_empty() {
             return invalid("consumer.group_id", "must not be blank");
         }
@@ -870,6 +887,16 @@ mod tests {
         let err =
             Config::load_from(None, false, &overrides(&["sink.max_batch_rows=0"])).unwrap_err();
         assert!(err.to_string().contains("sink.max_batch_rows"), "{err}");
+    }
+
+    #[test]
+    fn dedup_window_may_be_off_but_not_huge() {
+        let off = Config::load_from(None, false, &overrides(&["sink.dedup_window=0"]))
+            .expect("0 turns the window off");
+        assert_eq!(off.sink.dedup_window, 0);
+        let err = Config::load_from(None, false, &overrides(&["sink.dedup_window=500000000"]))
+            .unwrap_err();
+        assert!(err.to_string().contains("sink.dedup_window"), "{err}");
     }
 
     #[test]

@@ -4,8 +4,14 @@
 //! [`BatchWriter`]. The loop is: poll, add the record to the batch, and flush when the
 //! batch reaches `sink.max_batch_rows` rows or its oldest row is `sink.flush_interval_ms`
 //! old. Offsets are stored only after the insert holding them succeeded, and committed by
-//! librdkafka's auto-commit, on revoke and at close: at-least-once delivery, made
-//! harmless by counting each `event_id` once.
+//! librdkafka's auto-commit, on revoke and at close: at-least-once delivery. Because the
+//! aggregates count every inserted row, each insert first goes through `sink::dedup`
+//! (the thread's [`Dedup`]): rows whose Kafka position is already in `event_ledger`, repeats
+//! in the batch and recent resends of an event are dropped, and their offsets stored as
+//! if inserted (they are in ClickHouse). A failed dedup query is retried like a failed
+//! insert. What still counts twice in the aggregates: a resend older than
+//! `sink.dedup_window`, an insert still running in ClickHouse when its retry reads the
+//! ledger, and a zombie member inserting after a rebalance gave its partitions away.
 //!
 //! While an insert fails, the thread pauses its partitions and keeps polling between
 //! attempts, so it stays in the group (no `max.poll.interval.ms` eviction) and its
@@ -43,6 +49,7 @@ use crate::event::EventRecord;
 use crate::sink::backoff::{jitter, next_backoff};
 use crate::sink::bisect::{error_chain, insert_around_refusals};
 use crate::sink::classify::{classify, FailureKind};
+use crate::sink::dedup::Dedup;
 use crate::sink::row::{EventRow, KafkaPosition};
 use crate::sink::status::SinkStatus;
 use crate::sink::writer::BatchWriter;
@@ -212,6 +219,8 @@ pub fn spawn_consumers(
         let core = cores.get(id % cores.len().max(1)).copied();
         let letters = SideTopicWriter::new(&config.kafka, &format!("{name}-letters"))?;
         let worker = Worker {
+            dedup: Dedup::new(&name, config.sink.dedup_window),
+            seen_rebalances: 0,
             name: name.clone(),
             consumer,
             writer,
@@ -342,6 +351,10 @@ struct Worker {
     name: String,
     consumer: BaseConsumer<SinkContext>,
     writer: BatchWriter,
+    /// Drops rows already in ClickHouse before each insert.
+    dedup: Dedup,
+    /// Rebalances seen by `dedup`: after one, partitions are warmed again.
+    seen_rebalances: u64,
     letters: SideTopicWriter,
     /// The events topic, named in retry and dead letters.
     topic: String,
@@ -362,7 +375,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self) {
+    fn run(mut self) {
         self.status
             .consumers_running
             .fetch_add(1, Ordering::Relaxed);
@@ -438,7 +451,7 @@ impl Worker {
     /// Writes the batch (retrying with capped exponential backoff while partitions are
     /// paused), then stores its offsets. Once a stop is requested it keeps trying until
     /// the drain deadline only, then leaves the batch in place (uncommitted).
-    fn flush(&self, batch: &mut Batch) {
+    fn flush(&mut self, batch: &mut Batch) {
         let mut backoff = self.retry_min;
         let mut paused: Option<TopicPartitionList> = None;
         let mut failed_attempts = 0u32;
@@ -483,11 +496,21 @@ impl Worker {
     /// One attempt at writing the batch: rows first (rows refused for their content are
     /// moved to the retry or dead letters), then the letters. Parts already written are
     /// cleared from the batch, so a retry only redoes what is left.
-    fn write(&self, batch: &mut Batch) -> Result<(), (FailureKind, String)> {
+    fn write(&mut self, batch: &mut Batch) -> Result<(), (FailureKind, String)> {
+        let rebalances = self.consumer.context().rebalances.load(Ordering::Relaxed);
+        if rebalances != self.seen_rebalances {
+            self.seen_rebalances = rebalances;
+            self.dedup.forget_warmth();
+        }
         if !batch.rows.is_empty() {
-            let refused =
-                insert_around_refusals(&self.writer, &self.status, &batch.rows, &self.name)
-                    .map_err(|err| (classify(&err), format!("{err}: {}", error_chain(&err))))?;
+            let refused = insert_around_refusals(
+                &self.writer,
+                &mut self.dedup,
+                &self.status,
+                &batch.rows,
+                &self.name,
+            )
+            .map_err(|err| (classify(&err), format!("{err}: {}", error_chain(&err))))?;
             for refusal in refused.into_iter().rev() {
                 let source = batch.sources.swap_remove(refusal.index);
                 warn!(
@@ -672,7 +695,7 @@ pub(super) fn store_next_offsets(
         }
     }
     // A partition revoked while the batch was pending is refused here; its new owner
-    // re-reads those records, which the event_id dedup absorbs.
+    // re-reads those records and drops them by the ledger (`sink::dedup`).
     if let Err(err) = consumer.store_offsets(&tpl) {
         warn!(consumer = %name, error = %err, "cannot store offsets; records will be re-read");
     }

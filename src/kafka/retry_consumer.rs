@@ -24,8 +24,14 @@
 //!   drains (plus what librdkafka had already fetched, at most its
 //!   `queued.max.messages.kbytes`). Records held at a crash or shutdown were never committed and are read
 //!   again by the next owner.
-//! - A crash after the writes but before the offset commit repeats an attempt: the row
-//!   may be inserted twice (counted once) or get one extra retry or dead letter.
+//! - A crash after the writes but before the offset commit repeats an attempt: the row's
+//!   insert is dropped by the ledger check (retried rows keep their events-topic
+//!   partition and offset, see `sink::dedup`), but it may get one extra retry or dead
+//!   letter.
+//! - The recent window of this thread is warmed once per events partition and sees only
+//!   its own inserts: a resend of a retried event inserted meanwhile by a main sink
+//!   thread (the refusal healed) counts twice in the aggregates, as does an insert still
+//!   running in ClickHouse when its retry reads the ledger.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -49,6 +55,7 @@ use crate::event::EventRecord;
 use crate::sink::backoff::{jitter, next_backoff};
 use crate::sink::bisect::{error_chain, insert_around_refusals};
 use crate::sink::classify::{classify, FailureKind};
+use crate::sink::dedup::Dedup;
 use crate::sink::row::{EventRow, KafkaPosition};
 use crate::sink::status::SinkStatus;
 use crate::sink::writer::BatchWriter;
@@ -100,6 +107,9 @@ struct Attempt {
 pub struct RetryWorker {
     consumer: BaseConsumer<SinkContext>,
     writer: BatchWriter,
+    /// Drops rows already in ClickHouse before each insert, by their events-topic
+    /// position and event id.
+    dedup: Dedup,
     letters: SideTopicWriter,
     status: Arc<SinkStatus>,
     stop: Arc<AtomicBool>,
@@ -140,6 +150,7 @@ impl RetryWorker {
         Ok(Self {
             consumer,
             writer: BatchWriter::new(&config.clickhouse)?,
+            dedup: Dedup::new(NAME, config.sink.dedup_window),
             letters: SideTopicWriter::new(&config.kafka, "retry-letters")?,
             status,
             stop,
@@ -328,11 +339,16 @@ impl RetryWorker {
 
     /// One try at the attempt: rows first, then the new retry letters and dead letters.
     /// What succeeded is cleared, so a repeat only redoes the rest.
-    fn write(&self, attempt: &mut Attempt) -> Result<(), (FailureKind, String)> {
+    fn write(&mut self, attempt: &mut Attempt) -> Result<(), (FailureKind, String)> {
         if !attempt.rows.is_empty() {
-            let refused =
-                insert_around_refusals(&self.writer, &self.status, &attempt.rows, NAME)
-                    .map_err(|err| (classify(&err), format!("{err}: {}", error_chain(&err))))?;
+            let refused = insert_around_refusals(
+                &self.writer,
+                &mut self.dedup,
+                &self.status,
+                &attempt.rows,
+                NAME,
+            )
+            .map_err(|err| (classify(&err), format!("{err}: {}", error_chain(&err))))?;
             let stored = attempt.rows.len() - refused.len();
             self.status
                 .retried_rows_stored

@@ -241,6 +241,24 @@ fn render_sink(out: &mut String, sink: &SinkStatus) {
         "Rows from the retry topic that ClickHouse accepted on a later attempt.",
         sink.retried_rows_stored.load(Ordering::Relaxed),
     );
+    header(
+        out,
+        "fanfinity_sink_duplicates_dropped_total",
+        "counter",
+        "Rows not inserted because they were already in ClickHouse: their Kafka position \
+         is in the ledger (redelivered), or their event was earlier in the batch or \
+         inserted recently under another offset (resent).",
+    );
+    for (reason, value) in [
+        ("redelivered", &sink.duplicates_redelivered),
+        ("resent", &sink.duplicates_resent),
+    ] {
+        let _ = writeln!(
+            out,
+            "fanfinity_sink_duplicates_dropped_total{{reason=\"{reason}\"}} {}",
+            value.load(Ordering::Relaxed)
+        );
+    }
     gauge(
         out,
         "fanfinity_sink_retry_waiting",
@@ -390,6 +408,7 @@ mod tests {
             ..Sources::default()
         });
         assert!(text.contains("fanfinity_sink_rows_inserted_total 500"));
+        assert!(text.contains("fanfinity_sink_duplicates_dropped_total{reason=\"resent\"} 0"));
         assert!(text.contains("fanfinity_sink_batch_rows_bucket{le=\"500\"} 1"));
         assert!(text.contains("fanfinity_clickhouse_up 1"));
         assert!(text.contains("fanfinity_sink_batch_rows_count 1\n"));

@@ -6,10 +6,15 @@
 //! is split in halves and each half inserted on its own, recursively, until every refused
 //! row stands alone. One bad row among `n` costs about `2 log2(n)` extra inserts; the
 //! halves that succeed are written once each.
+//!
+//! Every insert here, each half included, goes through [`super::dedup`] first: the
+//! materialized views behind the aggregates count each inserted row, so "duplicates are
+//! harmless" no longer holds. That costs one ledger query per partition per insert.
 
 use tracing::debug;
 
 use super::classify::{classify, FailureKind};
+use super::dedup::{first_occurrences, Dedup};
 use super::row::EventRow;
 use super::status::SinkStatus;
 use super::writer::BatchWriter;
@@ -22,58 +27,98 @@ pub struct Refused {
     pub reason: String,
 }
 
-/// Inserts `rows`, splitting around the rows refused for their content, and returns
-/// those (in index order). Every other row is in ClickHouse when this returns `Ok`.
+/// Inserts the rows of `rows` that are not already in ClickHouse, splitting around the
+/// rows refused for their content, and returns those (in index order). Every other row
+/// is in ClickHouse when this returns `Ok`: inserted now, or dropped by [`Dedup`]
+/// because it already was (repeats in the batch, positions in the ledger, recent
+/// resends). Each insert, each half of a split included, is checked by [`Dedup`] just
+/// before it runs, because the aggregates count every inserted row.
 ///
 /// # Errors
-/// The first failure that is not about content (ClickHouse unreachable, schema, timeout).
-/// Some halves may already be inserted; the caller retries the whole batch and the
-/// `event_id` dedup absorbs the repeats.
+/// The first failure that is not about content (ClickHouse unreachable, schema, timeout,
+/// a dedup query that failed). Some halves may already be inserted; the caller retries
+/// the whole batch and the ledger check drops what landed.
 pub fn insert_around_refusals(
     writer: &BatchWriter,
+    dedup: &mut Dedup,
     status: &SinkStatus,
     rows: &[EventRow],
     consumer: &str,
 ) -> Result<Vec<Refused>, SinkError> {
     let mut refused = Vec::new();
-    if !rows.is_empty() {
-        insert_part(writer, status, rows, 0, consumer, &mut refused)?;
+    if rows.is_empty() {
+        return Ok(refused);
     }
+    let (firsts, repeats) = first_occurrences(rows);
+    let mut part = Part {
+        writer,
+        dedup,
+        status,
+        rows,
+        consumer,
+    };
+    part.insert(&firsts, &mut refused)?;
+    // Counted only once the whole batch is written: a batch retried after a failure
+    // would find its repeats again.
+    repeats.report(status, consumer);
     Ok(refused)
 }
 
-fn insert_part(
-    writer: &BatchWriter,
-    status: &SinkStatus,
-    rows: &[EventRow],
-    base: usize,
-    consumer: &str,
-    refused: &mut Vec<Refused>,
-) -> Result<(), SinkError> {
-    match writer.insert(rows) {
-        Ok(elapsed) => {
-            status.insert_succeeded(rows.len(), elapsed.as_micros() as u64);
-            debug!(
-                consumer,
-                batch_rows = rows.len(),
-                elapsed_ms = elapsed.as_millis() as u64,
-                "batch inserted"
-            );
-            Ok(())
+/// What every level of the split shares.
+struct Part<'a> {
+    writer: &'a BatchWriter,
+    dedup: &'a mut Dedup,
+    status: &'a SinkStatus,
+    rows: &'a [EventRow],
+    consumer: &'a str,
+}
+
+impl Part<'_> {
+    /// Inserts the rows at `indices` (ascending) that dedup keeps, splitting on content
+    /// refusals.
+    fn insert(&mut self, indices: &[usize], refused: &mut Vec<Refused>) -> Result<(), SinkError> {
+        let (keep, dropped) = self.dedup.unseen(self.writer, self.rows, indices)?;
+        // Dropped rows are in ClickHouse already, whatever happens to the others.
+        dropped.report(self.status, self.consumer);
+        if keep.len() < indices.len() {
+            let gone: Vec<usize> = indices
+                .iter()
+                .copied()
+                .filter(|i| keep.binary_search(i).is_err())
+                .collect();
+            self.dedup.remember(self.rows, &gone);
         }
-        Err(err) if classify(&err) == FailureKind::Content => {
-            if rows.len() == 1 {
-                refused.push(Refused {
-                    index: base,
-                    reason: error_chain(&err),
-                });
-                return Ok(());
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let picked = keep.iter().map(|&i| &self.rows[i]);
+        match self.writer.insert_rows(picked, keep.len()) {
+            Ok(elapsed) => {
+                self.status
+                    .insert_succeeded(keep.len(), elapsed.as_micros() as u64);
+                self.dedup.remember(self.rows, &keep);
+                debug!(
+                    consumer = self.consumer,
+                    batch_rows = keep.len(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "batch inserted"
+                );
+                Ok(())
             }
-            let mid = rows.len() / 2;
-            insert_part(writer, status, &rows[..mid], base, consumer, refused)?;
-            insert_part(writer, status, &rows[mid..], base + mid, consumer, refused)
+            Err(err) if classify(&err) == FailureKind::Content => {
+                if let [index] = keep[..] {
+                    refused.push(Refused {
+                        index,
+                        reason: error_chain(&err),
+                    });
+                    return Ok(());
+                }
+                let mid = keep.len() / 2;
+                self.insert(&keep[..mid], refused)?;
+                self.insert(&keep[mid..], refused)
+            }
+            Err(err) => Err(err),
         }
-        Err(err) => Err(err),
     }
 }
 

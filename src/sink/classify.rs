@@ -52,14 +52,20 @@ const SCHEMA_CODES: &[u32] = &[
     516, // AUTHENTICATION_FAILED
 ];
 
-/// Classifies an insert failure.
+/// Classifies an insert failure, or a failed dedup query before an insert. A dedup
+/// query reads no row of the batch, so it is never a content failure: the ledger table
+/// missing is a schema failure, anything else an outage.
 pub fn classify(err: &SinkError) -> FailureKind {
-    let SinkError::Insert { source, .. } = err else {
-        return FailureKind::Transient;
-    };
-    match server_code(&source.to_string()) {
-        Some(code) if CONTENT_CODES.contains(&code) => FailureKind::Content,
-        Some(code) if SCHEMA_CODES.contains(&code) => FailureKind::Schema,
+    match err {
+        SinkError::Insert { source, .. } => match server_code(&source.to_string()) {
+            Some(code) if CONTENT_CODES.contains(&code) => FailureKind::Content,
+            Some(code) if SCHEMA_CODES.contains(&code) => FailureKind::Schema,
+            _ => FailureKind::Transient,
+        },
+        SinkError::Dedup { source, .. } => match server_code(&source.to_string()) {
+            Some(code) if SCHEMA_CODES.contains(&code) => FailureKind::Schema,
+            _ => FailureKind::Transient,
+        },
         _ => FailureKind::Transient,
     }
 }
@@ -114,5 +120,18 @@ mod tests {
             timeout_ms: 10,
         };
         assert_eq!(classify(&timeout), FailureKind::Transient);
+    }
+
+    #[test]
+    fn dedup_queries_fail_as_schema_or_outage_never_content() {
+        let dedup = |text: &str| SinkError::Dedup {
+            what: "check the ledger",
+            partition: 0,
+            source: clickhouse::error::Error::BadResponse(text.into()),
+        };
+        let missing = dedup("Code: 60, e.displayText() = DB::Exception: Table doesn't exist");
+        assert_eq!(classify(&missing), FailureKind::Schema);
+        let parse = dedup("Code: 6, e.displayText() = DB::Exception: Cannot parse");
+        assert_eq!(classify(&parse), FailureKind::Transient);
     }
 }

@@ -62,6 +62,11 @@ pub struct SinkStatus {
     pub retried_rows_stored: AtomicU64,
     /// Retry-topic records read and waiting for their due time.
     pub retry_waiting: AtomicU64,
+    /// Rows not inserted because their Kafka position was already in the ledger.
+    pub duplicates_redelivered: AtomicU64,
+    /// Rows not inserted because their event was earlier in the batch or recently
+    /// inserted under another offset.
+    pub duplicates_resent: AtomicU64,
     pub batch_rows: Mutex<Recorder>,
     pub insert_us: Mutex<Recorder>,
     /// Consumer lag per (topic, partition), from librdkafka statistics.
@@ -86,6 +91,8 @@ impl Default for SinkStatus {
             retry_letters: AtomicU64::new(0),
             retried_rows_stored: AtomicU64::new(0),
             retry_waiting: AtomicU64::new(0),
+            duplicates_redelivered: AtomicU64::new(0),
+            duplicates_resent: AtomicU64::new(0),
             batch_rows: Mutex::new(Recorder::new(10_000_000)),
             insert_us: Mutex::new(Recorder::default()),
             lag: Mutex::new(BTreeMap::new()),

@@ -41,11 +41,27 @@ impl BatchWriter {
 
     /// Inserts `rows` as one INSERT (one part in ClickHouse). Returns how long it took.
     ///
+    /// Callers insert through [`crate::sink::bisect`], which runs [`crate::sink::dedup`]
+    /// first: the aggregates fed by materialized views count every inserted row.
+    ///
     /// # Errors
     /// [`SinkError::Insert`] or [`SinkError::InsertTimeout`]; either way nothing may be
-    /// assumed about the rows and the caller retries the whole batch (duplicates are
-    /// harmless, see the module docs of [`crate::sink`]).
+    /// assumed about the rows (an insert that timed out may still land). The caller
+    /// retries the whole batch, and the ledger check drops what did land.
     pub fn insert(&self, rows: &[EventRow]) -> Result<Duration, SinkError> {
+        self.insert_rows(rows.iter(), rows.len())
+    }
+
+    /// As [`Self::insert`], for rows picked out of a batch (what dedup kept) without
+    /// copying them.
+    ///
+    /// # Errors
+    /// As [`Self::insert`].
+    pub fn insert_rows<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a EventRow>,
+        count: usize,
+    ) -> Result<Duration, SinkError> {
         let started = Instant::now();
         let attempt = async {
             let mut insert = self.client.insert::<EventRow>(EVENTS_TABLE).await?;
@@ -54,21 +70,36 @@ impl BatchWriter {
             }
             insert.end().await
         };
-        let outcome = self
-            .runtime
-            .block_on(async { tokio::time::timeout(self.timeout, attempt).await });
-        match outcome {
-            Ok(Ok(())) => Ok(started.elapsed()),
-            Ok(Err(source)) => Err(SinkError::Insert {
+        match self.run_bounded(attempt) {
+            Some(Ok(())) => Ok(started.elapsed()),
+            Some(Err(source)) => Err(SinkError::Insert {
                 table: EVENTS_TABLE.into(),
-                rows: rows.len(),
+                rows: count,
                 source,
             }),
-            Err(_) => Err(SinkError::InsertTimeout {
+            None => Err(SinkError::InsertTimeout {
                 table: EVENTS_TABLE.into(),
-                rows: rows.len(),
-                timeout_ms: self.timeout.as_millis() as u64,
+                rows: count,
+                timeout_ms: self.timeout_ms(),
             }),
         }
+    }
+
+    /// The client, for the dedup queries that must reach the same server and database.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Runs `work` on this thread's runtime, cut off after `clickhouse.request_timeout_ms`
+    /// (`None`), so no ClickHouse call can hang a consumer thread.
+    pub fn run_bounded<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        self.runtime
+            .block_on(async { tokio::time::timeout(self.timeout, work).await })
+            .ok()
+    }
+
+    /// `clickhouse.request_timeout_ms`, for error messages.
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout.as_millis() as u64
     }
 }

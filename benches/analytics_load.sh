@@ -36,9 +36,7 @@ LOG=target/analytics-server.log
 
 say() { printf 'analytics-load: %s\n' "$*"; }
 
-cargo build --release -q --bin fanfinity -p loadtest 2>&1 | tail -n 5
-cargo build --release -q -p fanfinity --bin fanfinity
-[[ -x $LOADTEST ]] || cargo build --release -q -p loadtest
+cargo build --release -q -p fanfinity -p loadtest
 
 events=$(clickhouse-client --port "$CH_TCP" --query \
     "SELECT count() FROM system.tables WHERE database = '$DB' AND name = 'events'")

@@ -23,17 +23,6 @@ use uuid::Uuid;
 
 const LAND: Duration = Duration::from_secs(60);
 
-/// Every table migration 2 feeds, plus the raw one, for `OPTIMIZE ... FINAL`.
-const TABLES: [&str; 7] = [
-    "events",
-    "event_ledger",
-    "event_counts",
-    "fan_buckets",
-    "reaction_counts",
-    "poll_votes",
-    "fan_counts",
-];
-
 /// Names private to one test, with the `dedup_` prefix.
 fn dedup_names(test: &str) -> Names {
     let base = Names::new(test);
@@ -220,7 +209,7 @@ fn aggregates_and_direct_counts(db: &str) -> Vec<(&'static str, String, String)>
 fn assert_aggregates_match(db: &str, events: u64) {
     for pass in ["before OPTIMIZE", "after OPTIMIZE FINAL"] {
         if pass.starts_with("after") {
-            for table in TABLES {
+            for table in STORED_TABLES {
                 clickhouse(&format!("OPTIMIZE TABLE {db}.{table} FINAL"));
             }
         }

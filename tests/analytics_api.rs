@@ -15,20 +15,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
+use fanfinity::event::EventType;
 use serde_json::{json, Value};
 
 const LAND: Duration = Duration::from_secs(90);
 /// 2022-12-18T15:00:00Z.
 const KICKOFF_MS: i64 = 1_671_375_600_000;
-const TYPES: [&str; 7] = [
-    "reaction",
-    "cheer",
-    "goal_celebration",
-    "poll_vote",
-    "chat",
-    "share",
-    "view",
-];
+/// Every event type, as clients send them.
+fn types() -> Vec<&'static str> {
+    EventType::ALL.iter().map(|t| t.as_str()).collect()
+}
 const EMOJI: [&str; 4] = ["🔥", "⚽", "😭", "🐐"];
 
 /// A match: 30 quiet minutes with every type, a goal at minute 23 (a spike of
@@ -37,7 +33,7 @@ fn match_events(m: &str) -> Vec<Value> {
     let mut events = Vec::new();
     for i in 0..420_i64 {
         let minute = i % 30;
-        let kind = TYPES[(i % 7) as usize];
+        let kind = types()[(i % 7) as usize];
         let user = format!("fan-{}", (i * 7) % 53);
         let mut e = event(&new_id(), m, &user, kind);
         e["ts"] = json!(KICKOFF_MS + minute * 60_000 + (i % 60) * 1_000);
@@ -105,7 +101,7 @@ impl Check<'_> {
     }
 
     fn by_type(&self, filter: &str) -> BTreeMap<String, u64> {
-        let mut map: BTreeMap<String, u64> = TYPES.iter().map(|t| (t.to_string(), 0)).collect();
+        let mut map: BTreeMap<String, u64> = types().iter().map(|t| (t.to_string(), 0)).collect();
         for row in self.raw(
             "toString(event_type), count()",
             filter,
@@ -336,17 +332,7 @@ fn every_number_matches_the_raw_events_before_and_after_merges_and_redelivery() 
     };
     check.everything(other);
 
-    for table in [
-        "events",
-        "event_ledger",
-        "event_counts",
-        "fan_buckets",
-        "reaction_counts",
-        "poll_votes",
-        "fan_counts",
-        "fan_totals",
-        "match_minutes",
-    ] {
+    for table in STORED_TABLES {
         clickhouse(&format!("OPTIMIZE TABLE {}.{table} FINAL", names.database));
     }
     check.everything(other);

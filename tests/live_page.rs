@@ -24,21 +24,17 @@ use common::*;
 use fanfinity::auth::dev;
 use fanfinity::auth::keys::new_key;
 use fanfinity::auth::Role;
+use fanfinity::event::EventType;
 use serde_json::json;
 
 /// How long events may take from the 202 to the aggregates.
 const LAND: Duration = Duration::from_secs(90);
 /// Wall-clock limit of one chromium run (its virtual time budget is 8 s).
 const BROWSER_LIMIT: Duration = Duration::from_secs(90);
-const TYPES: [&str; 7] = [
-    "reaction",
-    "cheer",
-    "goal_celebration",
-    "poll_vote",
-    "chat",
-    "share",
-    "view",
-];
+/// Every event type, as clients send them.
+fn types() -> Vec<&'static str> {
+    EventType::ALL.iter().map(|t| t.as_str()).collect()
+}
 const EMOJI: [&str; 5] = ["🔥", "⚽", "😱", "👏", "<b>x</b>"];
 
 fn now_ms() -> i64 {
@@ -271,7 +267,7 @@ fn live_match_page_draws_timeline_and_live_strip_in_chromium() {
                     "reaction"
                 }
             } else {
-                TYPES[n % TYPES.len()]
+                types()[n % EventType::ALL.len()]
             };
             let ts = start - minute * 60_000 + (i as i64 * 60_000 / per_minute as i64);
             history.push(page_event(&m, n, kind, Some(ts)));
@@ -297,7 +293,7 @@ fn live_match_page_draws_timeline_and_live_strip_in_chromium() {
                 let batch: Vec<_> = (0..20)
                     .map(|i| {
                         n += 1;
-                        page_event(&m, n, TYPES[(n + i) % TYPES.len()], None)
+                        page_event(&m, n, types()[(n + i) % EventType::ALL.len()], None)
                     })
                     .collect();
                 post_batch(&addr, &batch);

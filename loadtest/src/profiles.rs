@@ -845,9 +845,7 @@ pub async fn run(profile: Profile) -> Result<OpenOutcome> {
     };
     let report = serde_json::to_value(&report).context("serializing the JSON report")?;
     if let Some(path) = &c.json_report {
-        let json = serde_json::to_vec_pretty(&report).context("serializing the JSON report")?;
-        std::fs::write(path, json)
-            .with_context(|| format!("writing the JSON report to {}", path.display()))?;
+        crate::report::write_json_report(path, &report)?;
     }
     Ok(OpenOutcome {
         result,

@@ -420,9 +420,7 @@ pub async fn run(args: ReplayArgs) -> Result<Outcome> {
             summary: &summary,
             verification: verification.as_ref(),
         };
-        let json = serde_json::to_vec_pretty(&report).context("serializing the JSON report")?;
-        std::fs::write(path, json)
-            .with_context(|| format!("writing the JSON report to {}", path.display()))?;
+        crate::report::write_json_report(path, &report)?;
     }
 
     Ok(Outcome {

@@ -189,6 +189,17 @@ pub struct JsonReport<'a> {
 }
 
 /// `12345678` as `12,345,678`.
+/// Writes a run's JSON report (pretty-printed) to `path`.
+///
+/// # Errors
+/// Serialization or the write failing, naming the file.
+pub fn write_json_report<T: Serialize>(path: &std::path::Path, report: &T) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let json = serde_json::to_vec_pretty(report).context("serializing the JSON report")?;
+    std::fs::write(path, json)
+        .with_context(|| format!("writing the JSON report to {}", path.display()))
+}
+
 pub fn count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);

@@ -157,7 +157,7 @@ fn validator_rejects_drift_from_the_real_schemas() {
     assert!(spec.validate_named("Error", &error).is_ok());
     let invented = json!({"error": "teapot", "message": "x"});
     assert!(spec.validate_named("Error", &invented).is_err());
-    let extra = json!({"error": "not_found", "message": "x", "param": "bucket"});
+    let extra = json!({"error": "not_found", "message": "x", "field": "bucket"});
     assert!(spec.validate_named("Error", &extra).is_err());
     let moment = json!({"t": 0, "events": 5, "baseline": 1, "score": 5.0,
                         "dominant_type": "kickoff", "dominant_share": 1.0,
@@ -761,18 +761,21 @@ fn the_server_answers_what_the_file_documents() {
 
     // (c) Error answers, each against the schema the file documents for it.
     let metrics_tpl = "/v1/matches/{match_id}/metrics";
-    for bad in [
-        "bucket=7s",
-        "bucket=2h",
-        "bucket=abc",
-        "from=yesterday",
-        "from=2&to=1",
+    for (bad, param) in [
+        ("bucket=7s", "bucket"),
+        ("bucket=2h", "bucket"),
+        ("bucket=abc", "bucket"),
+        ("from=yesterday", "from"),
+        ("from=2&to=1", "to"),
+        ("form=1", "query"),
     ] {
         let resp = stack.read_get(&format!("{metrics_path}?{bad}"), false);
         stack.check_error(metrics_tpl, "GET", &resp, 400, "invalid_parameter");
+        assert_eq!(resp.json()["param"], param, "{bad}");
     }
     let resp = stack.read_get("/v1/matches/bad%20id/metrics", true);
     stack.check_error(metrics_tpl, "GET", &resp, 400, "invalid_parameter");
+    assert_eq!(resp.json()["param"], "match_id");
     let resp = stack.read_get("/v1/matches/oapi-no-such-match/metrics", true);
     stack.check_error(metrics_tpl, "GET", &resp, 404, "unknown_match");
     let resp = stack.read_get("/v1/matches/oapi-no-such-match/live", true);

@@ -21,6 +21,7 @@ use crate::ingest::state::IngestShared;
 use crate::kafka::consumer::{spawn_consumers, ConsumeError, ConsumerHandle};
 use crate::kafka::producer::{EventProducer, ProduceError};
 use crate::kafka::topics::{TopicAdmin, TopicError};
+use crate::query::cache::PublishedAnswers;
 use crate::query::runtime::QueryRuntime;
 use crate::sink::migrate;
 use crate::sink::status::SinkStatus;
@@ -169,6 +170,7 @@ impl AppContext {
                     sink: roles.sink.then(|| Arc::clone(&sink_status)),
                     stopping: Arc::clone(&stopping),
                     auth: Arc::clone(&auth),
+                    answers: PublishedAnswers::new(config.query.cache_entries),
                 });
                 Some(start_shards(shared)?)
             }
@@ -211,6 +213,7 @@ impl AppContext {
             sink: None,
             stopping: Arc::clone(&stopping),
             auth: Arc::clone(&auth),
+            answers: PublishedAnswers::new(1),
         });
         let shards = start_shards(shared)?;
         Ok(Self {

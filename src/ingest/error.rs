@@ -120,6 +120,10 @@ struct ErrorBody<'a> {
     details: Option<&'a [FieldError]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     invalid_events: Option<usize>,
+    /// The query parameter an `invalid_parameter` answer is about (`query` for an unknown
+    /// one), so a client can point at the field without parsing `message`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    param: Option<&'static str>,
 }
 
 impl IngestError {
@@ -217,11 +221,16 @@ impl IngestError {
             ),
             _ => (None, None),
         };
+        let param = match self {
+            IngestError::Query(QueryError::BadParam { param, .. }) => Some(*param),
+            _ => None,
+        };
         let body = ErrorBody {
             error: code,
             message: self.to_string(),
             details,
             invalid_events,
+            param,
         };
         sonic_rs::to_vec(&body).unwrap_or_else(|_| {
             format!(r#"{{"error":"{code}","message":"unprintable error"}}"#).into_bytes()

@@ -194,6 +194,7 @@ async fn run_shard(
         Duration::from_millis(shared.config.query.cache_ttl_ms),
         Duration::from_millis(shared.config.query.cache_max_stale_ms),
         shared.config.query.cache_entries,
+        Arc::clone(&shared.answers),
     );
     let ctx = Rc::new(ShardContext {
         shard,

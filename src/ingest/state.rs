@@ -17,7 +17,7 @@ use crate::app::config::Config;
 use crate::auth::{AuthState, ShardKeys};
 use crate::kafka::producer::EventProducer;
 use crate::metrics::shard::ShardMetrics;
-use crate::query::cache::AnswerCache;
+use crate::query::cache::{AnswerCache, PublishedAnswers};
 use crate::query::runtime::QueryRuntime;
 use crate::sink::status::SinkStatus;
 
@@ -38,6 +38,8 @@ pub struct IngestShared {
     pub stopping: Arc<AtomicBool>,
     /// The API keys in force (replaced on SIGHUP).
     pub auth: Arc<AuthState>,
+    /// The newest analytics answers of every shard (see `query::cache`).
+    pub answers: Arc<PublishedAnswers>,
 }
 
 /// Which listener a request came in on, set by the connection layer as a request

@@ -1,9 +1,14 @@
 //! A shard's cache of finished answers, so 200 dashboards polling the same match cost
 //! ClickHouse one query per answer and TTL, not 200.
 //!
-//! Single-threaded by design (one per glommio shard, no locks): an entry holds the
-//! encoded JSON body and when it was computed, and at most one recomputation in flight,
-//! shared by every request that has to wait for it (`futures_util`'s `Shared`).
+//! One per glommio shard: an entry holds the encoded JSON body and when its computation
+//! started, and at most one recomputation in flight, shared by every request of that
+//! shard that has to wait for it (`futures_util`'s `Shared`). Finished answers are also
+//! published to one process-wide [`PublishedAnswers`] map, and a shard serves whichever
+//! of its own and the published answer is newer: a client whose requests land on
+//! different shards (a browser opens several connections) never sees an answer older than
+//! one it was already given, so totals never go backwards. That map is the only lock, held
+//! for a lookup or an insert.
 //!
 //! Freshness rules, with `ttl` = `query.cache_ttl_ms` and `max_stale` =
 //! `query.cache_max_stale_ms`:
@@ -23,6 +28,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,9 +38,68 @@ use super::QueryError;
 
 type Computation = Shared<Pin<Box<dyn Future<Output = Result<Bytes, QueryError>>>>>;
 
+/// An encoded answer and when the computation that made it started (so of two answers,
+/// the later-started one saw at least the data the other saw).
+type Answer = (Bytes, Instant);
+
 struct Entry {
-    answer: Option<(Bytes, Instant)>,
+    answer: Option<Answer>,
     computing: Option<Computation>,
+}
+
+/// The newest finished answer per key, across all shards; bounded like a shard's map.
+pub struct PublishedAnswers {
+    capacity: usize,
+    answers: Mutex<HashMap<String, Answer>>,
+}
+
+impl PublishedAnswers {
+    /// A map of at most `capacity` answers.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            capacity: capacity.max(1),
+            answers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn get(&self, key: &str) -> Option<Answer> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Keeps `answer` unless a later-started one is there already.
+    fn publish(&self, key: &str, answer: &Answer) {
+        let mut answers = self.lock();
+        if let Some(held) = answers.get(key) {
+            if held.1 >= answer.1 {
+                return;
+            }
+        } else if answers.len() >= self.capacity {
+            let oldest = answers
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                answers.remove(&oldest);
+            }
+        }
+        answers.insert(key.to_string(), answer.clone());
+    }
+
+    /// A shard that panicked while holding the lock left nothing half-written (every
+    /// change is one insert or remove), so the map is used as it is.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Answer>> {
+        self.answers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Answers held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no answer is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One shard's answers by key.
@@ -43,6 +108,7 @@ pub struct AnswerCache {
     max_stale: Duration,
     capacity: usize,
     entries: RefCell<HashMap<String, Entry>>,
+    published: Arc<PublishedAnswers>,
     /// Drives a background recomputation: a glommio task on a shard.
     drive: fn(Computation),
 }
@@ -60,14 +126,20 @@ impl AnswerCache {
     /// (every request queries).
     ///
     /// Must be used on a glommio executor, which runs the background recomputations.
-    pub fn new(ttl: Duration, max_stale: Duration, capacity: usize) -> Rc<Self> {
-        Self::with_driver(ttl, max_stale, capacity, spawn_on_shard)
+    pub fn new(
+        ttl: Duration,
+        max_stale: Duration,
+        capacity: usize,
+        published: Arc<PublishedAnswers>,
+    ) -> Rc<Self> {
+        Self::with_driver(ttl, max_stale, capacity, published, spawn_on_shard)
     }
 
     fn with_driver(
         ttl: Duration,
         max_stale: Duration,
         capacity: usize,
+        published: Arc<PublishedAnswers>,
         drive: fn(Computation),
     ) -> Rc<Self> {
         Rc::new(Self {
@@ -75,6 +147,7 @@ impl AnswerCache {
             max_stale: max_stale.max(ttl),
             capacity: capacity.max(1),
             entries: RefCell::new(HashMap::new()),
+            published,
             drive,
         })
     }
@@ -105,6 +178,7 @@ impl AnswerCache {
         Fut: Future<Output = Result<Bytes, QueryError>> + 'static,
     {
         let now = Instant::now();
+        let published = self.published.get(&key);
         let mut entries = self.entries.borrow_mut();
         if !entries.contains_key(&key) && entries.len() >= self.capacity {
             self.evict(&mut entries, now);
@@ -113,6 +187,11 @@ impl AnswerCache {
             answer: None,
             computing: None,
         });
+        if let Some(other) = published {
+            if entry.answer.as_ref().is_none_or(|(_, at)| *at < other.1) {
+                entry.answer = Some(other);
+            }
+        }
         let age = entry.answer.as_ref().map(|(_, at)| now.duration_since(*at));
         if let (Some((body, _)), Some(age)) = (&entry.answer, age) {
             if age < self.ttl {
@@ -141,20 +220,27 @@ impl AnswerCache {
         Fut: Future<Output = Result<Bytes, QueryError>> + 'static,
     {
         let cache = Rc::clone(self);
+        let started = Instant::now();
         let fut: Pin<Box<dyn Future<Output = Result<Bytes, QueryError>>>> = Box::pin(async move {
             let result = work.await;
-            cache.finish(&key, &result);
+            cache.finish(&key, &result, started);
             result
         });
         fut.shared()
     }
 
-    fn finish(&self, key: &str, result: &Result<Bytes, QueryError>) {
+    fn finish(&self, key: &str, result: &Result<Bytes, QueryError>, started: Instant) {
+        let answer = result.as_ref().ok().map(|body| (body.clone(), started));
+        if let Some(answer) = &answer {
+            self.published.publish(key, answer);
+        }
         let mut entries = self.entries.borrow_mut();
         if let Some(entry) = entries.get_mut(key) {
             entry.computing = None;
-            if let Ok(body) = result {
-                entry.answer = Some((body.clone(), Instant::now()));
+            if let Some(answer) = answer {
+                if entry.answer.as_ref().is_none_or(|(_, at)| *at < answer.1) {
+                    entry.answer = Some(answer);
+                }
             }
         }
     }
@@ -210,7 +296,13 @@ mod tests {
 
     /// No executor here: a background recomputation is left for the next waiter.
     fn cache(ttl: Duration, capacity: usize) -> Rc<AnswerCache> {
-        AnswerCache::with_driver(ttl, ttl * 2, capacity, |_| {})
+        AnswerCache::with_driver(
+            ttl,
+            ttl * 2,
+            capacity,
+            PublishedAnswers::new(capacity),
+            |_| {},
+        )
     }
 
     #[test]
@@ -251,6 +343,30 @@ mod tests {
         // Too old: this request waits for, and drives, the pending refresh.
         let fresh = block_on(cache.get("k".into(), || async { Ok(Bytes::from_static(b"3")) }));
         assert_eq!(fresh.ok(), Some(Bytes::from_static(b"2")));
+    }
+
+    #[test]
+    fn a_newer_answer_from_another_shard_wins() {
+        let published = PublishedAnswers::new(8);
+        let shard = |p: &Arc<PublishedAnswers>| {
+            AnswerCache::with_driver(
+                Duration::from_secs(60),
+                Duration::from_secs(120),
+                8,
+                Arc::clone(p),
+                |_| {},
+            )
+        };
+        let (a, b) = (shard(&published), shard(&published));
+        let old = block_on(a.get("k".into(), || async { Ok(Bytes::from_static(b"old")) }));
+        assert_eq!(old.ok(), Some(Bytes::from_static(b"old")));
+        let new = block_on(b.get("k".into(), || async { Ok(Bytes::from_static(b"x")) }));
+        // Shard b adopted a's published answer instead of computing its own.
+        assert_eq!(new.ok(), Some(Bytes::from_static(b"old")));
+        published.publish("k", &(Bytes::from_static(b"newer"), Instant::now()));
+        let seen = block_on(a.get("k".into(), || async { Ok(Bytes::from_static(b"y")) }));
+        assert_eq!(seen.ok(), Some(Bytes::from_static(b"newer")));
+        assert!(published.len() <= 8);
     }
 
     #[test]

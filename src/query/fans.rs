@@ -7,7 +7,7 @@ use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
 use super::params::QueryParams;
-use super::sql::{failed, in_window, newest_sql, window_filter, NewestRow};
+use super::sql::{failed, in_window, newest_sql, window_filter, NewestRow, Text};
 use super::window::{match_span, resolve, WindowJson};
 use super::{now_ms, QueryError};
 
@@ -27,7 +27,7 @@ pub struct MatchFans {
 
 #[derive(Debug, Clone, Serialize, Deserialize, Row, PartialEq)]
 pub struct FanCount {
-    pub user_id: String,
+    pub user_id: Text,
     pub events: u64,
 }
 
@@ -40,6 +40,7 @@ pub async fn fetch(
     match_id: &str,
     params: &QueryParams,
 ) -> Result<MatchFans, QueryError> {
+    let generated_at_ms = now_ms();
     let span = match_span(client, match_id).await?;
     let window = resolve(params, span, 60);
     let whole_match = params.from_secs.is_none() && params.to_secs.is_none();
@@ -70,6 +71,6 @@ pub async fn fetch(
         window: window.json(),
         fans,
         newest_received_at_ms: newest.newest(),
-        generated_at_ms: now_ms(),
+        generated_at_ms,
     })
 }

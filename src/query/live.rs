@@ -64,7 +64,8 @@ struct NewestSecondRow {
 /// # Errors
 /// Unknown match, ClickHouse failing.
 pub async fn fetch(client: &Client, match_id: &str) -> Result<MatchLive, QueryError> {
-    let now_secs = u32::try_from(now_ms() / 1000).unwrap_or(u32::MAX - 3_600);
+    let generated_at_ms = now_ms();
+    let now_secs = u32::try_from(generated_at_ms / 1000).unwrap_or(u32::MAX - 3_600);
     let newest: NewestSecondRow = client
         .query(
             "SELECT toUInt32(maxIf(second, second <= toDateTime(?))) AS last, count() AS rows \
@@ -121,6 +122,6 @@ pub async fn fetch(client: &Client, match_id: &str) -> Result<MatchLive, QueryEr
         by_type,
         timeline: timeline.into_iter().map(LiveSecond::from).collect(),
         newest_received_at_ms: newest.newest(),
-        generated_at_ms: now_ms(),
+        generated_at_ms,
     })
 }

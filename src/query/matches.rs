@@ -52,7 +52,8 @@ struct MatchRow {
 /// # Errors
 /// ClickHouse failing.
 pub async fn fetch(client: &Client, params: &QueryParams) -> Result<MatchList, QueryError> {
-    let now_secs = u32::try_from(now_ms() / 1000).unwrap_or(u32::MAX - 3_600);
+    let generated_at_ms = now_ms();
+    let now_secs = u32::try_from(generated_at_ms / 1000).unwrap_or(u32::MAX - 3_600);
     let to = params.to_secs.unwrap_or(now_secs + 1);
     let from = params
         .from_secs
@@ -92,6 +93,6 @@ pub async fn fetch(client: &Client, params: &QueryParams) -> Result<MatchList, Q
         window: window.json(),
         matches,
         newest_received_at_ms: newest,
-        generated_at_ms: now_ms(),
+        generated_at_ms,
     })
 }

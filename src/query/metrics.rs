@@ -7,7 +7,7 @@ use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
 use super::params::QueryParams;
-use super::sql::{add_type, failed, in_window, window_filter, zero_by_type};
+use super::sql::{add_type, failed, in_window, window_filter, zero_by_type, Text};
 use super::window::{match_span, resolve, timeline_start, Window, WindowJson};
 use super::{now_ms, QueryError};
 
@@ -48,7 +48,7 @@ pub struct TimelineBucket {
 #[derive(Debug, Row, Deserialize)]
 struct TotalsRow {
     event_type: String,
-    team: String,
+    team: Text,
     events: u64,
     newest_ms: i64,
 }
@@ -81,6 +81,7 @@ pub async fn fetch(
     params: &QueryParams,
     max_buckets: u64,
 ) -> Result<MatchMetrics, QueryError> {
+    let generated_at_ms = now_ms();
     let bucket = params.bucket_secs.unwrap_or(DEFAULT_BUCKET_SECS);
     let span = match_span(client, match_id).await?;
     let window = resolve(params, span, bucket);
@@ -100,7 +101,7 @@ pub async fn fetch(
     let mut total_events = 0;
     for row in totals {
         add_type(&mut by_type, &row.event_type, row.events);
-        *by_team.entry(row.team).or_insert(0) += row.events;
+        *by_team.entry(row.team.0).or_insert(0) += row.events;
         total_events += row.events;
         if row.events > 0 {
             newest = Some(newest.map_or(row.newest_ms, |n| n.max(row.newest_ms)));
@@ -117,7 +118,7 @@ pub async fn fetch(
         timeline,
         timeline_truncated,
         newest_received_at_ms: newest,
-        generated_at_ms: now_ms(),
+        generated_at_ms,
     })
 }
 

@@ -33,6 +33,9 @@ pub struct MatchMoments {
     pub baseline_buckets: u32,
     /// Highest score first.
     pub moments: Vec<Moment>,
+    /// Only the newest `query.max_buckets` buckets were scored (the request named no
+    /// `from` and the window is longer), as in the metrics answer.
+    pub timeline_truncated: bool,
     pub newest_received_at_ms: Option<i64>,
     pub generated_at_ms: i64,
 }
@@ -62,10 +65,11 @@ pub async fn fetch(
     params: &QueryParams,
     max_buckets: u64,
 ) -> Result<MatchMoments, QueryError> {
+    let generated_at_ms = now_ms();
     let bucket = params.bucket_secs.unwrap_or(DEFAULT_BUCKET_SECS);
     let span = match_span(client, match_id).await?;
     let window = resolve(params, span, bucket);
-    let (from, _) = timeline_start(params, window, bucket, max_buckets)?;
+    let (from, timeline_truncated) = timeline_start(params, window, bucket, max_buckets)?;
     // History for the first buckets' baselines, but never before the match began.
     let history = from
         .saturating_sub(BASELINE_BUCKETS * bucket)
@@ -86,8 +90,9 @@ pub async fn fetch(
         bucket_seconds: bucket,
         baseline_buckets: BASELINE_BUCKETS,
         moments: top_moments(&timeline, read.from, from, bucket, limit),
+        timeline_truncated,
         newest_received_at_ms: newest.newest(),
-        generated_at_ms: now_ms(),
+        generated_at_ms,
     })
 }
 

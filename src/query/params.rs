@@ -60,30 +60,35 @@ impl QueryParams {
     /// one, or `from` not before `to`.
     pub fn parse(query: Option<&str>, allowed: &[Param]) -> Result<Self, QueryError> {
         let mut params = QueryParams::default();
+        let (mut from_ms, mut to_ms) = (None, None);
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value =
-                percent_decode(value).ok_or_else(|| bad("query", "bad percent-encoding"))?;
+            let decode = |s| percent_decode(s).ok_or_else(|| bad("query", "bad percent-encoding"));
+            let (key, value) = (decode(key)?, decode(value)?);
             let param = allowed
                 .iter()
                 .copied()
                 .find(|p| p.name() == key)
-                .ok_or_else(|| bad("query", &format!("unknown parameter {key:?}")))?;
+                .ok_or_else(|| bad("query", &format!("unknown parameter {:?}", clip(&key))))?;
             let repeated = match param {
-                Param::From => params.from_secs.replace(parse_time("from", &value)?),
-                Param::To => params.to_secs.replace(parse_time("to", &value)?),
-                Param::Bucket => params.bucket_secs.replace(parse_bucket(&value)?),
-                Param::Limit => params.limit.replace(parse_limit(&value)?),
+                Param::From => from_ms.replace(parse_time("from", &value)?).is_some(),
+                Param::To => to_ms.replace(parse_time("to", &value)?).is_some(),
+                Param::Bucket => params.bucket_secs.replace(parse_bucket(&value)?).is_some(),
+                Param::Limit => params.limit.replace(parse_limit(&value)?).is_some(),
             };
-            if repeated.is_some() {
+            if repeated {
                 return Err(bad(param.name(), "given more than once"));
             }
         }
-        if let (Some(from), Some(to)) = (params.from_secs, params.to_secs) {
+        if let (Some(from), Some(to)) = (from_ms, to_ms) {
             if from >= to {
                 return Err(bad("to", "must be after from"));
             }
         }
+        // Whole seconds, widened: `from` down, `to` up, so no millisecond asked for is
+        // left out.
+        params.from_secs = from_ms.map(|ms| seconds(ms.div_euclid(1000)));
+        params.to_secs = to_ms.map(|ms| seconds((ms + 999).div_euclid(1000)));
         Ok(params)
     }
 }
@@ -110,19 +115,38 @@ pub(super) fn bad(param: &'static str, reason: &str) -> QueryError {
     }
 }
 
-fn parse_time(param: &'static str, value: &str) -> Result<u32, QueryError> {
-    let secs = if let Ok(ms) = value.parse::<i64>() {
-        ms.div_euclid(1000)
+/// The latest time `from`/`to` may name, in epoch ms: the last hour of `DateTime` is kept
+/// free so a window end widened to a whole bucket still fits.
+const LAST_MS: i64 = (u32::MAX - MAX_BUCKET_SECS) as i64 * 1000;
+
+/// Reads epoch milliseconds or RFC 3339 into epoch milliseconds in 1970..[`LAST_MS`].
+fn parse_time(param: &'static str, value: &str) -> Result<i64, QueryError> {
+    let ms = if let Ok(ms) = value.parse::<i64>() {
+        ms
     } else {
-        OffsetDateTime::parse(value, &Rfc3339)
-            .map_err(|_| bad(param, "must be RFC 3339 or epoch milliseconds"))?
-            .unix_timestamp()
+        let at = OffsetDateTime::parse(value, &Rfc3339)
+            .map_err(|_| bad(param, "must be RFC 3339 or epoch milliseconds"))?;
+        i64::try_from(at.unix_timestamp_nanos().div_euclid(1_000_000))
+            .map_err(|_| bad(param, "must be between 1970-01-01 and 2106-02-07"))?
     };
-    // The last second is kept free so a window end rounded up to 10 s still fits.
-    u32::try_from(secs)
-        .ok()
-        .filter(|s| *s < u32::MAX - MAX_BUCKET_SECS)
-        .ok_or_else(|| bad(param, "must be between 1970 and 2106"))
+    if (0..LAST_MS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(bad(param, "must be between 1970-01-01 and 2106-02-07"))
+    }
+}
+
+/// Epoch seconds of a value [`parse_time`] bounded, so it fits.
+fn seconds(secs: i64) -> u32 {
+    u32::try_from(secs).unwrap_or(u32::MAX - MAX_BUCKET_SECS)
+}
+
+/// At most 64 characters of a client's text, for error messages.
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
 }
 
 fn parse_bucket(value: &str) -> Result<u32, QueryError> {
@@ -200,6 +224,32 @@ mod tests {
             assert_eq!(p.bucket_secs, Some(secs), "{q}");
         }
         assert_eq!(QueryParams::parse(None, &[]), Ok(QueryParams::default()));
+        // Parameter names are percent-decoded like values.
+        let p = QueryParams::parse(Some("b%75cket=5%6D"), ALL).expect("valid");
+        assert_eq!(p.bucket_secs, Some(300));
+    }
+
+    #[test]
+    fn sub_second_bounds_widen_the_window_instead_of_vanishing() {
+        let p = QueryParams::parse(Some("from=1796432159000&to=1796432159001"), ALL)
+            .expect("a millisecond is a window");
+        assert_eq!(
+            (p.from_secs, p.to_secs),
+            (Some(1_796_432_159), Some(1_796_432_160))
+        );
+        let p =
+            QueryParams::parse(Some("from=1796432159999&to=1796432160400"), ALL).expect("valid");
+        assert_eq!(
+            (p.from_secs, p.to_secs),
+            (Some(1_796_432_159), Some(1_796_432_161))
+        );
+    }
+
+    #[test]
+    fn unknown_names_are_clipped_in_the_answer() {
+        let long = "x".repeat(60_000);
+        let err = QueryParams::parse(Some(&long), ALL).expect_err("unknown");
+        assert!(err.to_string().len() < 200, "{}", err.to_string().len());
     }
 
     #[test]
@@ -219,6 +269,8 @@ mod tests {
             "limit=1001",
             "limit=x",
             "from=%zz",
+            "from=1796432159000&to=1796432159000",
+            "to=2106-02-07T06:28:15Z",
         ] {
             assert!(QueryParams::parse(Some(q), ALL).is_err(), "{q}");
         }

@@ -8,7 +8,7 @@ use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
 use super::params::{QueryParams, BASE_BUCKET_SECS};
-use super::sql::{failed, in_window, newest_sql, window_filter, NewestRow};
+use super::sql::{failed, in_window, newest_sql, window_filter, NewestRow, Text};
 use super::window::{match_span, resolve, WindowJson};
 use super::{now_ms, QueryError};
 
@@ -30,7 +30,7 @@ pub struct MatchPolls {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PollResult {
-    pub poll_id: String,
+    pub poll_id: Text,
     /// Every vote of the poll, listed options or not.
     pub total_votes: u64,
     pub options: Vec<OptionVotes>,
@@ -38,7 +38,7 @@ pub struct PollResult {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct OptionVotes {
-    pub option: String,
+    pub option: Text,
     pub votes: u64,
     /// Of the poll's total, rounded to 3 decimals.
     pub share: f64,
@@ -46,14 +46,14 @@ pub struct OptionVotes {
 
 #[derive(Debug, Row, Deserialize)]
 struct PollRow {
-    poll_id: String,
+    poll_id: Text,
     total: u64,
 }
 
 #[derive(Debug, Row, Deserialize)]
 struct OptionRow {
-    poll_id: String,
-    option: String,
+    poll_id: Text,
+    option: Text,
     votes: u64,
 }
 
@@ -66,6 +66,7 @@ pub async fn fetch(
     match_id: &str,
     params: &QueryParams,
 ) -> Result<MatchPolls, QueryError> {
+    let generated_at_ms = now_ms();
     let span = match_span(client, match_id).await?;
     let window = resolve(params, span, BASE_BUCKET_SECS);
     let filter = window_filter("bucket");
@@ -81,7 +82,7 @@ pub async fn fetch(
     let options = if polls.is_empty() {
         Vec::new()
     } else {
-        let ids: Vec<&str> = polls.iter().map(|p| p.poll_id.as_str()).collect();
+        let ids: Vec<&str> = polls.iter().map(|p| p.poll_id.0.as_str()).collect();
         let options_sql = format!(
             "SELECT poll_id, option, sum(votes) AS votes FROM poll_votes \
              WHERE {filter} AND has(?, poll_id) GROUP BY poll_id, option \
@@ -98,13 +99,13 @@ pub async fn fetch(
         window: window.json(),
         polls: assemble(polls, options),
         newest_received_at_ms: newest.newest(),
-        generated_at_ms: now_ms(),
+        generated_at_ms,
     })
 }
 
 /// Puts each poll's options (already in order) under it, polls in `polls` order.
 fn assemble(polls: Vec<PollRow>, options: Vec<OptionRow>) -> Vec<PollResult> {
-    let mut by_poll: BTreeMap<String, Vec<OptionRow>> = BTreeMap::new();
+    let mut by_poll: BTreeMap<Text, Vec<OptionRow>> = BTreeMap::new();
     for row in options {
         by_poll.entry(row.poll_id.clone()).or_default().push(row);
     }
@@ -158,8 +159,8 @@ mod tests {
             option("motm", "mbappe", 1),
         ];
         let out = assemble(polls, options);
-        assert_eq!(out[0].poll_id, "motm");
-        assert_eq!(out[0].options[0].option, "messi");
+        assert_eq!(out[0].poll_id.0, "motm");
+        assert_eq!(out[0].options[0].option.0, "messi");
         assert_eq!(out[0].options[0].share, 0.667);
         assert_eq!(out[1].options[0].share, 1.0);
     }

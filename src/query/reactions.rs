@@ -5,7 +5,7 @@ use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
 use super::params::{QueryParams, BASE_BUCKET_SECS};
-use super::sql::{failed, in_window, newest_sql, window_filter, NewestRow};
+use super::sql::{failed, in_window, newest_sql, window_filter, NewestRow, Text};
 use super::window::{match_span, resolve, WindowJson};
 use super::{now_ms, QueryError};
 
@@ -26,7 +26,7 @@ pub struct MatchReactions {
 
 #[derive(Debug, Clone, Serialize, Deserialize, Row, PartialEq)]
 pub struct ReactionCount {
-    pub emoji: String,
+    pub emoji: Text,
     pub count: u64,
 }
 
@@ -44,6 +44,7 @@ pub async fn fetch(
     match_id: &str,
     params: &QueryParams,
 ) -> Result<MatchReactions, QueryError> {
+    let generated_at_ms = now_ms();
     let span = match_span(client, match_id).await?;
     let window = resolve(params, span, BASE_BUCKET_SECS);
     let filter = window_filter("bucket");
@@ -66,6 +67,6 @@ pub async fn fetch(
         total_reactions: total.total,
         reactions,
         newest_received_at_ms: newest.newest(),
-        generated_at_ms: now_ms(),
+        generated_at_ms,
     })
 }

@@ -64,3 +64,49 @@ impl NewestRow {
         (self.events > 0).then_some(self.newest_ms)
     }
 }
+
+/// A client-sent string read back from ClickHouse (an emoji, a poll option, a user id, a
+/// team). Read as bytes and decoded lossily: a value that is not valid UTF-8 (a ClickHouse
+/// function cutting a character in half, an old row) shows as U+FFFD in its own entry
+/// instead of failing the whole answer with a 503.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct Text(pub String);
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Text(s.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Lossy;
+        impl serde::de::Visitor<'_> for Lossy {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Text, E> {
+                Ok(Text(String::from_utf8_lossy(v).into_owned()))
+            }
+        }
+        deserializer.deserialize_bytes(Lossy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::value::{BorrowedBytesDeserializer, Error};
+
+    #[test]
+    fn broken_utf8_becomes_a_replacement_character() {
+        let cut = b"a\xF0\x9F\x94";
+        let text = Text::deserialize(BorrowedBytesDeserializer::<Error>::new(cut));
+        assert_eq!(text.ok().map(|t| t.0), Some("a\u{FFFD}".to_string()));
+    }
+}

@@ -81,13 +81,20 @@ pub async fn match_span(client: &Client, match_id: &str) -> Result<MatchSpan, Qu
 }
 
 /// The window for `params` over a match spanning `span`, widened to multiples of
-/// `align` seconds. Without `from`/`to` it covers the whole match.
+/// `align` seconds. A missing `from` is the match's first second and a missing `to` the
+/// end of its last, but neither is taken past the other bound: a `to` before the match
+/// began gives an empty window ending at `to`, never one reaching after it.
 pub fn resolve(params: &QueryParams, span: MatchSpan, align: u32) -> Window {
-    let from = params.from_secs.unwrap_or(span.first);
-    let to = params.to_secs.unwrap_or(span.last.saturating_add(1));
+    let (from, to) = match (params.from_secs, params.to_secs) {
+        (Some(from), Some(to)) => (from, to),
+        (Some(from), None) => (from, span.last.saturating_add(1).max(from + 1)),
+        (None, Some(to)) => (span.first.min(to.saturating_sub(1)), to),
+        (None, None) => (span.first, span.last.saturating_add(1)),
+    };
+    let from = floor(from, align);
     Window {
-        from: floor(from, align),
-        to: ceil(to, align).max(floor(from, align) + align),
+        from,
+        to: ceil(to, align).max(from + align),
     }
 }
 
@@ -162,6 +169,22 @@ mod tests {
         let w = resolve(&params, SPAN, 10);
         assert_eq!((w.from, w.to), (1_000_000, 1_000_010));
         assert_eq!(w.buckets(10), 1);
+    }
+
+    #[test]
+    fn a_default_bound_never_crosses_an_explicit_one() {
+        let before = QueryParams {
+            to_secs: Some(1_000_005),
+            ..QueryParams::default()
+        };
+        let w = resolve(&before, SPAN, 10);
+        assert_eq!((w.from, w.to), (1_000_000, 1_000_010));
+        let after = QueryParams {
+            from_secs: Some(1_700_000_003),
+            ..QueryParams::default()
+        };
+        let w = resolve(&after, SPAN, 60);
+        assert_eq!((w.from, w.to), (1_699_999_980, 1_700_000_040));
     }
 
     #[test]

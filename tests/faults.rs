@@ -538,6 +538,11 @@ fn durable_broker_killed_under_load_loses_no_acknowledged_event() {
     // sqlite store panics ("more or less than one row" in its idempotence check) when an
     // id handed out just before a kill -9 is used after the restart, and then refuses
     // every request. That is the broker's bug, not the fault under test.
+    // Known shortcoming: the same store can also panic in its group coordinator after the
+    // restart ("more or less than one row" in `update_group`, on a heartbeat of the sink's
+    // consumer group), and then refuses every produce: seen once in 3 CI runs on
+    // 2026-12-05 (this test then fails with most batches unacknowledged). No warm-up
+    // avoids it; the broker's log is kept in target/test-logs/tansu-<port>.log.
     let warmup = new_id();
     post_ok(&server, &[event(&warmup, m, "fan", "view")]);
     wait_for_ids(&names, m, 1, LAND);

@@ -13,7 +13,7 @@ use crate::fd_limit::FdLimit;
 use crate::open_stats::{PhaseResult, Progress};
 use crate::proc_watch::ServerUsage;
 use crate::ramp_plan::StepOutcome;
-use crate::report::count;
+use crate::report::{count, LatencyMs};
 use crate::verify::Verification;
 use crate::visibility::VisibilityReport;
 
@@ -115,32 +115,24 @@ pub fn render_result(result: &PhaseResult, phases: &[PhaseResult]) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "{:<10} {:>10} {:>10} {:>9} {} {:>9}",
         "phase",
         "target/s",
         "events/s",
         "req/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "max ms",
+        LatencyMs::header(9),
         "failed"
     );
     let row = |out: &mut String, name: &str, r: &PhaseResult| {
         let l = &r.latency_ms;
         let _ = writeln!(
             out,
-            "{:<10} {:>10.0} {:>10.0} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9}",
+            "{:<10} {:>10.0} {:>10.0} {:>9.0} {} {:>9}",
             name,
             r.target_events_per_s,
             r.achieved_events_per_s,
             r.achieved_requests_per_s,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max,
+            l.cells(9),
             r.failed_attempts
         );
     };

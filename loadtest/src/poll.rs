@@ -554,15 +554,11 @@ pub fn render(all: &PathResult, paths: &[PathResult], measured_s: f64) -> String
     let _ = writeln!(out, "\n== poll ({measured_s:.1} s measured)");
     let _ = writeln!(
         out,
-        "{:<48} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>9}",
+        "{:<48} {:>9} {:>8} {} {:>8} {:>9} {:>9}",
         "path",
         "requests",
         "req/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "max ms",
+        LatencyMs::header(8),
         "failed",
         "age p50",
         "age max"
@@ -579,15 +575,11 @@ pub fn render(all: &PathResult, paths: &[PathResult], measured_s: f64) -> String
         );
         let _ = writeln!(
             out,
-            "{:<48} {:>9} {:>8.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8} {:>9} {:>9}",
+            "{:<48} {:>9} {:>8.0} {} {:>8} {:>9} {:>9}",
             name,
             r.requests,
             r.requests_per_s,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max,
+            l.cells(8),
             r.failed,
             age_p50,
             age_max

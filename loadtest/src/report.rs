@@ -75,6 +75,22 @@ pub struct LatencyMs {
     pub max: f64,
 }
 
+impl LatencyMs {
+    /// The header of the five latency columns of an end-of-run table, each `width` wide.
+    pub fn header(width: usize) -> String {
+        ["p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"]
+            .map(|h| format!("{h:>width$}"))
+            .join(" ")
+    }
+
+    /// This latency's five columns, matching [`LatencyMs::header`].
+    pub fn cells(&self, width: usize) -> String {
+        [self.p50, self.p90, self.p99, self.p999, self.max]
+            .map(|v| format!("{v:>width$.2}"))
+            .join(" ")
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Throughput {
     /// Accepted events over the whole run time.
